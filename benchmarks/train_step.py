@@ -1,0 +1,89 @@
+r"""Train-step throughput versus the machine's measured dense fp32 matmul peak.
+
+  python benchmarks/train_step.py --d_in=640 --d_sae=10240 --batch=4096
+
+FLOPs per token: 14 n M for Gated (forward: encoder, decoder, aux decoder, 2nM each; backward:
+encoder dW, decoder dW and df, aux decoder df, 2nM each; no input gradient thanks to
+`centered_matmul`), 10 n M for the baseline (forward 4nM, backward 6nM). The peak is the best of several square fp32 matmuls jitted on the same device.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from experiments import base  # noqa: E402
+from gsae_jax import sharding  # noqa: E402
+from gsae_jax.train import optim  # noqa: E402
+from gsae_jax.train.state import create_train_state, sae_graph  # noqa: E402
+from gsae_jax.train.step import compile_steps  # noqa: E402
+
+_D_IN = flags.DEFINE_integer("d_in", 640, "Activation size n.")
+_D_SAE = flags.DEFINE_integer("d_sae", 10240, "Dictionary size M.")
+_BATCH = flags.DEFINE_integer("batch", 4096, "Tokens per step.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
+_ARCH = flags.DEFINE_enum("architecture", "gated", ["gated", "baseline"], "SAE architecture.")
+_PEAK_SIZE = flags.DEFINE_integer("peak_size", 4096, "Square matmul size for the peak.")
+
+FLOPS_PER_TOKEN_PER_NM = {"gated": 14, "baseline": 10}
+
+
+def _best_seconds(fn, *args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - t)
+  return best
+
+
+def matmul_peak_gflops(size: int) -> float:
+  """Best-of-5 GFLOP/s of a jitted [size, size] @ [size, size] fp32 matmul."""
+  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+  seconds = _best_seconds(jax.jit(jnp.matmul), a, b, repeats=5)
+  return 2 * size**3 / seconds / 1e9
+
+
+def train_step_tokens_per_s(architecture: str, d_in: int, d_sae: int, batch: int, steps: int) -> float:
+  c = base.get_config()
+  c.sae.architecture, c.sae.d_sae, c.train.batch_size, c.train.steps = architecture, d_sae, batch, 1000
+  mesh = sharding.make_mesh(c.mesh.data, c.mesh.model)
+  tx = optim.make_optimizer(c.optim, c.train.steps)
+  state, shardings, graphdef = create_train_state(c, d_in, mesh, tx)
+  _, _, axes = sae_graph(c, d_in)
+  step, _ = compile_steps(c, mesh, shardings, graphdef, tx, optim.l1_schedule(c.sae, 1000), axes)
+  x = jax.device_put(jax.random.normal(jax.random.key(2), (batch, d_in)),
+                     jax.sharding.NamedSharding(mesh, sharding.batch_spec()))
+  for _ in range(2):  # compile and warm up
+    state, metrics = step(state, x)
+  jax.block_until_ready(metrics)
+  t = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = step(state, x)
+  jax.block_until_ready(metrics)
+  return steps * batch / (time.perf_counter() - t)
+
+
+def main(argv):
+  del argv
+  n, m, batch = _D_IN.value, _D_SAE.value, _BATCH.value
+  print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}", flush=True)
+  peak = matmul_peak_gflops(_PEAK_SIZE.value)
+  print(f"matmul peak ({_PEAK_SIZE.value}^3 fp32): {peak:.1f} GFLOP/s", flush=True)
+  tps = train_step_tokens_per_s(_ARCH.value, n, m, batch, _STEPS.value)
+  gflops = FLOPS_PER_TOKEN_PER_NM[_ARCH.value] * n * m * tps / 1e9
+  print(f"{_ARCH.value} n={n} M={m} batch={batch}: {tps:.0f} tokens/s, {gflops:.1f} GFLOP/s, "
+        f"{100 * gflops / peak:.1f}% of peak ({peak:.1f} GFLOP/s)")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,47 @@
+"""Shared defaults for every experiment (GATED_SAE.md hyper-parameters)."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.sae = ml_collections.ConfigDict()
+  c.sae.architecture = "gated"        # 'gated' | 'baseline'
+  c.sae.d_sae = 4096                  # dictionary size M
+  c.sae.l1_coefficient = 1.0          # lambda (on normalised activations, E||x||^2 = d_in)
+  c.sae.l1_warmup_steps = 0           # linear lambda warm-up from 0
+  c.sae.gate_backward = "zero"        # 'zero' (paper) | 'straight_through' | 'rectangle'
+  c.sae.gate_eps = 1.0                # rectangle bandwidth
+  c.sae.gate_clip = False             # straight_through: clip to |z| <= 1
+  c.sae.tie_r_mag = True              # ablation: False gives a separate W_mag
+  c.sae.frozen_aux_decoder = True     # ablation: False lets L_aux train W_dec, b_dec
+  c.sae.param_dtype = "float32"
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 3e-4                   # the paper's LR for every Gated SAE
+  c.optim.b1 = 0.0
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.warmup_steps = 1000
+  c.optim.decay_fraction = 0.0        # linear decay to 0 over this final fraction of steps
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 10_000
+  c.train.batch_size = 4096
+  c.train.log_every = 100
+  c.train.feature_window_tokens = 10_000_000   # dead/dense window (GATED_SAE.md section 5)
+  c.train.resample_every = 0          # 0 = off; else resample dead features every N steps
+  c.train.resample_until = 0          # no resampling at or after this step (0 = never stop)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                    # -1: all devices not used by 'model'
+  c.mesh.model = 1
+  c.mesh.rules = (("batch", "data"), ("features", "model"), ("d_in", None))
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "synthetic"
+  c.data.normalise_target = "d_model"  # E||x||^2 = d_in; 'off' or a number
+  c.data.normalise_sample_tokens = 65536
+  return c

@@ -1,0 +1,28 @@
+"""Sparse features in superposition with known ground truth: the first main job.
+
+    python -m launch.train --config=experiments/synthetic.py --workdir=/tmp/gsae
+"""
+
+from experiments import base
+
+
+def get_config():
+  c = base.get_config()
+  c.data.source = "synthetic"
+  c.data.d_in = 64
+  c.data.m_true = 256                 # true features
+  c.data.fire_prob = 4 / 256          # expected true L0 = 4
+  c.data.mag_low = 0.5
+  c.data.mag_high = 1.5
+  c.data.seed = 1234                  # ground-truth dictionary and batch stream
+
+  c.sae.d_sae = 512
+  c.sae.l1_coefficient = 0.1
+  c.optim.lr = 3e-3
+  c.optim.warmup_steps = 100
+  c.optim.decay_fraction = 0.2
+  c.train.steps = 3000
+  c.train.batch_size = 1024
+  c.train.log_every = 250
+  c.train.feature_window_tokens = 200_000
+  return c

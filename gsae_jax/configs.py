@@ -1,0 +1,41 @@
+"""Config validation: every bad value fails at start with the field, the expected and the found."""
+
+from __future__ import annotations
+
+from gsae_jax.sae.gate import GATE_BACKWARD_MODES
+from gsae_jax.sae.models import ARCHITECTURES
+
+DATA_SOURCES = ("synthetic",)
+
+
+def _check(ok: bool, field: str, expected: str, found) -> None:
+  if not ok:
+    raise ValueError(f"config.{field}: expected {expected}, found {found!r}")
+
+
+def validate(config, mesh_shape: dict[str, int]) -> None:
+  """Raises ValueError naming the first invalid field. `mesh_shape` is e.g. {'data': 2, 'model': 4}."""
+  sae, optim, train = config.sae, config.optim, config.train
+  _check(sae.architecture in ARCHITECTURES, "sae.architecture", f"one of {ARCHITECTURES}",
+         sae.architecture)
+  _check(sae.gate_backward in GATE_BACKWARD_MODES, "sae.gate_backward",
+         f"one of {GATE_BACKWARD_MODES}", sae.gate_backward)
+  _check(sae.gate_eps > 0, "sae.gate_eps", "> 0", sae.gate_eps)
+  _check(sae.l1_coefficient >= 0, "sae.l1_coefficient", ">= 0", sae.l1_coefficient)
+  _check(sae.l1_warmup_steps >= 0, "sae.l1_warmup_steps", ">= 0", sae.l1_warmup_steps)
+  _check(sae.d_sae > 0, "sae.d_sae", "> 0", sae.d_sae)
+  _check(sae.d_sae % mesh_shape["model"] == 0, "sae.d_sae",
+         f"a multiple of the mesh 'model' axis size {mesh_shape['model']}", sae.d_sae)
+  _check(optim.lr > 0, "optim.lr", "> 0", optim.lr)
+  _check(0 <= optim.b1 < 1 and 0 <= optim.b2 < 1, "optim.b1/b2", "in [0, 1)", (optim.b1, optim.b2))
+  _check(optim.warmup_steps >= 0, "optim.warmup_steps", ">= 0", optim.warmup_steps)
+  _check(0 <= optim.decay_fraction <= 1, "optim.decay_fraction", "in [0, 1]", optim.decay_fraction)
+  _check(train.steps > 0, "train.steps", "> 0", train.steps)
+  _check(train.batch_size > 0 and train.batch_size % mesh_shape["data"] == 0, "train.batch_size",
+         f"a positive multiple of the mesh 'data' axis size {mesh_shape['data']}", train.batch_size)
+  _check(train.log_every > 0, "train.log_every", "> 0", train.log_every)
+  _check(train.feature_window_tokens > 0, "train.feature_window_tokens", "> 0",
+         train.feature_window_tokens)
+  _check(train.resample_every >= 0, "train.resample_every", ">= 0 (0 = off)", train.resample_every)
+  _check(config.data.source in DATA_SOURCES, "data.source", f"one of {DATA_SOURCES}",
+         config.data.source)

@@ -1,0 +1,1 @@
+"""Data sources: synthetic ground truth now; activation shards and the Grain pipeline later."""

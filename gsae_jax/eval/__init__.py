@@ -1,0 +1,1 @@
+"""Evaluation metrics (GATED_SAE.md section 5)."""

@@ -1,0 +1,1 @@
+"""SAE math: the Heaviside gate, architectures, losses and the decoder constraint."""

@@ -1,0 +1,1 @@
+"""Training: optimiser and schedules, train state, the jitted step, and the loop."""

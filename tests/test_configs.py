@@ -1,0 +1,29 @@
+import pytest
+
+from experiments import synthetic
+from gsae_jax import configs
+
+MESH = {"data": 2, "model": 4}
+
+
+def test_default_configs_are_valid():
+  configs.validate(synthetic.get_config(), MESH)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("sae.d_sae", 510, "multiple of the mesh 'model' axis size 4, found 510"),
+    ("sae.l1_coefficient", -0.1, ">= 0, found -0.1"),
+    ("sae.architecture", "jumprelu", "one of ('gated', 'baseline'), found 'jumprelu'"),
+    ("sae.gate_backward", "sigmoid", "found 'sigmoid'"),
+    ("sae.gate_eps", 0.0, "> 0"),
+    ("train.batch_size", 1023, "multiple of the mesh 'data' axis size 2"),
+    ("optim.lr", 0.0, "> 0"),
+    ("data.source", "hub", "one of ('synthetic',)"),
+])
+def test_bad_values_name_the_field(field, value, message):
+  c = synthetic.get_config()
+  section, name = field.split(".")
+  c[section][name] = value
+  with pytest.raises(ValueError, match="config." + field) as err:
+    configs.validate(c, MESH)
+  assert message in str(err.value)

@@ -1,0 +1,43 @@
+"""The same train step on 1 device and on a (data=2, model=4) mesh of 8 fake CPU devices."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from gsae_jax import sharding
+from gsae_jax.data.sources import make_source
+from gsae_jax.train.loop import train
+
+
+def _run(config, mesh):
+  source = make_source(config, mesh)
+  history = []
+  state = train(config, mesh, source.batch_at, source.d_in, lambda s, m: history.append(m))
+  return state, history
+
+
+@pytest.mark.parametrize("architecture", ["gated", "baseline"])
+def test_mesh_2x4_equals_single_device(tiny_config, architecture):
+  assert jax.device_count() == 8
+  tiny_config.sae.architecture = architecture
+  tiny_config.sae.l1_coefficient = 0.5
+  single, hist1 = _run(tiny_config, sharding.make_mesh(1, 1))
+  tiny_config.mesh.data, tiny_config.mesh.model = 2, 4
+  sharded, hist8 = _run(tiny_config, sharding.make_mesh(2, 4))
+
+  assert int(sharded.step) == 5
+  assert sharded.params["W_dec"].sharding.spec == P("model", None)
+  assert sharded.params["W_dec"].addressable_shards[0].data.shape == (16, 16)
+  for name, value in single.params.items():
+    np.testing.assert_allclose(sharded.params[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+  np.testing.assert_allclose(sharded.tokens_since_fired, single.tokens_since_fired)
+  for m1, m8 in zip(hist1, hist8):
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+  # The step moved the parameters (the equality above is not trivially of the initial state).
+  assert hist1[-1]["loss"] != hist1[0]["loss"]
+
+
+def test_decoder_rows_unit_norm_after_training(tiny_config):
+  state, _ = _run(tiny_config, sharding.make_mesh(2, 4))
+  np.testing.assert_allclose(np.linalg.norm(state.params["W_dec"], axis=-1), 1.0, rtol=1e-5)
