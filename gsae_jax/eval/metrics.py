@@ -13,7 +13,10 @@ DENSE_THRESHOLD = 0.1
 
 
 def reconstruction_sums(x: jax.Array, x_hat: jax.Array, f: jax.Array) -> dict[str, jax.Array]:
-  """Additive sufficient statistics of one batch. x, x_hat [batch, d_in]; f [batch, d_sae]."""
+  """Additive sufficient statistics of one batch. x, x_hat [batch, d_in]; f [batch, d_sae].
+
+  `fire_count` [d_sae] counts the tokens on which each feature fired (L0 is its sum / tokens).
+  """
   x32, xh32 = x.astype(jnp.float32), x_hat.astype(jnp.float32)
   return {
       "tokens": jnp.asarray(x.shape[0], jnp.float32),
@@ -22,7 +25,7 @@ def reconstruction_sums(x: jax.Array, x_hat: jax.Array, f: jax.Array) -> dict[st
       "x_sq": jnp.sum(jnp.square(x32)),
       "x_hat_sq": jnp.sum(jnp.square(xh32)),
       "x_dot_x_hat": jnp.sum(x32 * xh32),
-      "active": jnp.sum((f > 0).astype(jnp.float32)),
+      "fire_count": jnp.sum((f > 0).astype(jnp.float32), axis=0),
   }
 
 
@@ -36,7 +39,7 @@ def reconstruction_metrics(s: dict[str, jax.Array]) -> dict[str, jax.Array]:
   total_var = s["x_sq"] - jnp.sum(jnp.square(s["x_sum"])) / n
   fvu = s["sq_err"] / total_var
   return {
-      "l0": s["active"] / n,
+      "l0": jnp.sum(s["fire_count"]) / n,
       "mse": s["sq_err"] / (n * d_in),
       "fvu": fvu,
       "explained_variance": 1.0 - fvu,

@@ -26,8 +26,8 @@ def _heaviside_fwd(z, mode, eps, clip):
 
 def _heaviside_bwd(mode, eps, clip, z, g):
   if mode == "zero":
-    dh_dz = jnp.zeros_like(z)
-  elif mode == "straight_through":
+    return (None,)  # a symbolic zero: no [batch, d_sae] cotangent is computed at all
+  if mode == "straight_through":
     dh_dz = (jnp.abs(z) <= 1.0).astype(z.dtype) if clip else jnp.ones_like(z)
   elif mode == "rectangle":
     dh_dz = (jnp.abs(z) < eps / 2).astype(z.dtype) / eps

@@ -26,13 +26,14 @@ def random_unit_rows(key: jax.Array, rows: int, cols: int, dtype=jnp.float32) ->
   return (w / jnp.linalg.norm(w, axis=-1, keepdims=True)).astype(dtype)
 
 
-def centered_matmul(x: jax.Array, b_dec: jax.Array, w: jax.Array) -> jax.Array:
-  """(x - b_dec) @ w computed as x @ w - b_dec @ w: [batch, d_in] x [d_in, d_sae].
+def centered_matmul(x: jax.Array, b_dec: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(x - b_dec) @ w split as (x @ w, b_dec @ w): [batch, d_sae] and [d_sae].
 
-  Same value; but b_dec's gradient becomes (sum over batch) @ w.T, a [d_sae] x [d_sae, d_in]
-  product, instead of a [batch, d_sae] x [d_sae, d_in] matmul (2 n M FLOPs per token saved).
+  Folding b_dec @ w into the per-feature biases gives the same value, but b_dec's gradient becomes
+  a [d_sae] x [d_sae, d_in] product instead of a [batch, d_sae] x [d_sae, d_in] matmul (2 n M
+  FLOPs per token saved) and no centred [batch, d_in] copy of x is made.
   """
-  return x @ w - b_dec @ w
+  return x @ w, b_dec @ w
 
 
 def _sum_sq(v: jax.Array) -> jax.Array:
@@ -77,12 +78,14 @@ class GatedSAE(nnx.Module):
 
   def pre_activations(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(pi_gate, pi_mag), each [batch, d_sae]; one shared matmul when r_mag is tied."""
-    z = centered_matmul(x, self.b_dec[...], self.W_gate[...])
-    pi_gate = z + self.b_gate[...]
+    xw, b_dec_w = centered_matmul(x, self.b_dec[...], self.W_gate[...])
+    pi_gate = xw + (self.b_gate[...] - b_dec_w)
     if self.tie_r_mag:
-      pi_mag = jnp.exp(self.r_mag[...]) * z + self.b_mag[...]
+      scale = jnp.exp(self.r_mag[...])
+      pi_mag = scale * xw + (self.b_mag[...] - scale * b_dec_w)
     else:
-      pi_mag = centered_matmul(x, self.b_dec[...], self.W_mag[...]) + self.b_mag[...]
+      xw_mag, b_dec_w_mag = centered_matmul(x, self.b_dec[...], self.W_mag[...])
+      pi_mag = xw_mag + (self.b_mag[...] - b_dec_w_mag)
     return pi_gate, pi_mag
 
   def _features(self, pi_gate: jax.Array, pi_mag: jax.Array) -> jax.Array:
@@ -151,7 +154,8 @@ class BaselineSAE(nnx.Module):
 
   def encode(self, x: jax.Array) -> jax.Array:
     """f(x) = ReLU(W_enc (x - b_dec) + b_enc): [batch, d_in] -> [batch, d_sae]."""
-    return jax.nn.relu(centered_matmul(x, self.b_dec[...], self.W_enc[...]) + self.b_enc[...])
+    xw, b_dec_w = centered_matmul(x, self.b_dec[...], self.W_enc[...])
+    return jax.nn.relu(xw + (self.b_enc[...] - b_dec_w))
 
   def decode(self, f: jax.Array) -> jax.Array:
     """x_hat = f W_dec + b_dec."""

@@ -30,13 +30,14 @@ def train_step(state: TrainState, x: jax.Array, *, graphdef, tx: optax.GradientT
   params = optax.apply_updates(state.params, updates)
 
   batch = x.shape[0]
-  fire_count = jnp.sum((out["f"] > 0).astype(jnp.float32), axis=0)
+  sums = metric_defs.reconstruction_sums(x, out["x_hat"], out["f"])
+  fire_count = sums["fire_count"]
   tokens_since_fired = jnp.where(fire_count > 0, 0,
                                  jnp.minimum(state.tokens_since_fired + batch, feature_window_tokens))
   window_fire_count = state.window_fire_count + fire_count
   window_tokens = state.window_tokens + batch
 
-  metrics = {**metric_defs.batch_metrics(x, out["x_hat"], out["f"]), **terms}
+  metrics = {**metric_defs.reconstruction_metrics(sums), **terms}
   metrics["loss"] = sum(terms.values())
   metrics["l1_coefficient"] = l1_coefficient
   metrics["dead_fraction"] = jnp.mean((tokens_since_fired >= feature_window_tokens).astype(jnp.float32))
