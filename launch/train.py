@@ -56,7 +56,7 @@ def main(argv):
       log_file.write(json.dumps({"step": step, **m}) + "\n")
       log_file.flush()
 
-    state = train(config, mesh, source.batch_at, source.d_in, on_metrics)
+    state = train(config, mesh, source.batches, source.d_in, on_metrics)
 
   params = {k: np.asarray(v) for k, v in jax.device_get(state.params).items()}
   np.savez(os.path.join(_WORKDIR.value, "params.npz"), **params)

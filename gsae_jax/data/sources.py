@@ -1,9 +1,13 @@
-"""From `config.data` to a batch function `step -> [batch, d_in]` sharded on the mesh."""
+"""From `config.data` to a `BatchIterator` of [batch, d_in] arrays sharded on the mesh.
+
+Every source is an iterator with `get_state()` / `set_state()` (JSON-serialisable dicts) so that a
+checkpoint can store where the data stream stood and resume it exactly.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Protocol
 
 import jax
 from jax.sharding import Mesh, NamedSharding
@@ -13,10 +17,39 @@ from gsae_jax.data.normalise import normalisation_scale, resolve_target
 from gsae_jax.data.synthetic import SyntheticFeatures, synthetic_batches
 
 
+class BatchIterator(Protocol):
+  """What the training loop consumes."""
+
+  def __next__(self) -> jax.Array: ...  # [batch, d_in], sharded P('data', None)
+  def get_state(self) -> dict: ...
+  def set_state(self, state: dict) -> None: ...
+
+
+class SyntheticIterator:
+  """Batch i of the synthetic stream is a pure function of (seed, i); the state is i."""
+
+  def __init__(self, batch_at, step: int = 0):
+    self._batch_at, self._step = batch_at, step
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> jax.Array:
+    x = self._batch_at(self._step)
+    self._step += 1
+    return x
+
+  def get_state(self) -> dict:
+    return {"step": self._step}
+
+  def set_state(self, state: dict) -> None:
+    self._step = int(state["step"])
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchSource:
   d_in: int
-  batch_at: Callable[[int], jax.Array]
+  batches: BatchIterator
   scale: float  # activation normalisation constant (already applied to batches)
   ground_truth: jax.Array | None = None  # [m_true, d_in] true directions, synthetic only
 
@@ -32,4 +65,4 @@ def make_source(config, mesh: Mesh) -> BatchSource:
   scale = normalisation_scale(sample, resolve_target(data.normalise_target, data.d_in))
   out = NamedSharding(mesh, sharding.batch_spec(tuple(map(tuple, config.mesh.rules))))
   batch_at = synthetic_batches(features, config.train.batch_size, data.seed + 2, scale, out)
-  return BatchSource(data.d_in, batch_at, scale, features.directions)
+  return BatchSource(data.d_in, SyntheticIterator(batch_at), scale, features.directions)

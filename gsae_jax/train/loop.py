@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 from jax.sharding import Mesh
@@ -15,9 +15,10 @@ from gsae_jax.train.step import compile_steps
 MetricsCallback = Callable[[int, dict[str, float]], None]
 
 
-def train(config, mesh: Mesh, batch_at: Callable[[int], jax.Array], d_in: int,
+def train(config, mesh: Mesh, batches: Iterator[jax.Array], d_in: int,
           on_metrics: MetricsCallback | None = None, state: TrainState | None = None) -> TrainState:
-  """Trains `config.train.steps` steps (from `state.step` when a state is given)."""
+  """Trains up to `config.train.steps` (from `state.step` when a state is given), drawing one
+  [batch, d_in] array per step from `batches`."""
   steps = config.train.steps
   tx = optim.make_optimizer(config.optim, steps)
   fresh, shardings, graphdef = create_train_state(config, d_in, mesh, tx)
@@ -29,7 +30,7 @@ def train(config, mesh: Mesh, batch_at: Callable[[int], jax.Array], d_in: int,
   start = int(state.step)
   t0, t_step = time.perf_counter(), start
   for step in range(start, steps):
-    x = batch_at(step)
+    x = next(batches)
     state, metrics = train_step(state, x)
     done = step + 1
     if every and done % every == 0 and (until == 0 or done < until):

@@ -22,13 +22,13 @@ def test_resampling_reinitialises_only_dead_features(tiny_config, architecture):
   train_step, resample_step = compile_steps(c, mesh, shardings, graphdef, tx,
                                             optim.l1_schedule(c.sae, c.train.steps), axes)
   for step in range(3):
-    state, _ = train_step(state, source.batch_at(step))
+    state, _ = train_step(state, next(source.batches))
   dead = np.zeros(c.sae.d_sae, bool)
   dead[[1, 7, 40]] = True
   state = state.replace(tokens_since_fired=jax.device_put(
       jnp.where(dead, c.train.feature_window_tokens, 0), state.tokens_since_fired.sharding))
   before = jax.device_get(state)
-  after = resample_step(state, source.batch_at(3))
+  after = resample_step(state, next(source.batches))
 
   w_dec = np.asarray(after.params["W_dec"])
   np.testing.assert_allclose(np.linalg.norm(w_dec, axis=-1), 1.0, rtol=1e-5)

@@ -13,7 +13,7 @@ from gsae_jax.train.loop import train
 def _run(config, mesh):
   source = make_source(config, mesh)
   history = []
-  state = train(config, mesh, source.batch_at, source.d_in, lambda s, m: history.append(m))
+  state = train(config, mesh, source.batches, source.d_in, lambda s, m: history.append(m))
   return state, history
 
 

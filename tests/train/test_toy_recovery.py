@@ -22,7 +22,7 @@ def _train(architecture):
   mesh = sharding.make_mesh(1, 1)
   source = make_source(c, mesh)
   final = {}
-  state = train(c, mesh, source.batch_at, source.d_in, lambda s, m: final.update(m))
+  state = train(c, mesh, source.batches, source.d_in, lambda s, m: final.update(m))
   final["mmcs"] = float(mean_max_cosine(state.params["W_dec"], source.ground_truth))
   return final
 
