@@ -5,7 +5,7 @@ from __future__ import annotations
 from gsae_jax.sae.gate import GATE_BACKWARD_MODES
 from gsae_jax.sae.models import ARCHITECTURES
 
-DATA_SOURCES = ("synthetic",)
+DATA_SOURCES = ("synthetic", "shards")
 
 
 def _check(ok: bool, field: str, expected: str, found) -> None:
@@ -37,5 +37,26 @@ def validate(config, mesh_shape: dict[str, int]) -> None:
   _check(train.feature_window_tokens > 0, "train.feature_window_tokens", "> 0",
          train.feature_window_tokens)
   _check(train.resample_every >= 0, "train.resample_every", ">= 0 (0 = off)", train.resample_every)
+  _check(config.checkpoint.save_every > 0, "checkpoint.save_every", "> 0",
+         config.checkpoint.save_every)
+  _check(config.checkpoint.keep > 0, "checkpoint.keep", "> 0", config.checkpoint.keep)
   _check(config.data.source in DATA_SOURCES, "data.source", f"one of {DATA_SOURCES}",
          config.data.source)
+  if config.data.source == "shards":
+    _validate_shards(config.data)
+
+
+def _validate_shards(data) -> None:
+  """Cheap checks at start (manifest only); checksums and finiteness are checked on open."""
+  from gsae_jax.data.shards import MANIFEST, read_manifest  # keeps configs free of data imports
+  _check(bool(data.get("path")), "data.path", "a folder written by launch/harvest.py",
+         data.get("path"))
+  try:
+    manifest = read_manifest(data.path)
+  except ValueError as e:
+    raise ValueError(f"config.data.path: {e}") from None
+  _check(data.get("d_in") == manifest["d_model"], "data.d_in",
+         f"the shards' d_model {manifest['d_model']} from {data.path}/{MANIFEST}",
+         data.get("d_in"))
+  _check(data.num_epochs >= 0, "data.num_epochs", ">= 0 (0 = repeat forever)", data.num_epochs)
+  _check(data.num_threads > 0, "data.num_threads", "> 0", data.num_threads)

@@ -1,1 +1,1 @@
-"""Data sources: synthetic ground truth now; activation shards and the Grain pipeline later."""
+"""Data: synthetic ground truth, activation harvests to shards, and the Grain shard pipeline."""

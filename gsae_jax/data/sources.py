@@ -13,7 +13,9 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 
 from gsae_jax import sharding
+from gsae_jax.data import shards
 from gsae_jax.data.normalise import normalisation_scale, resolve_target
+from gsae_jax.data.pipeline import ShardIterator
 from gsae_jax.data.synthetic import SyntheticFeatures, synthetic_batches
 
 
@@ -56,13 +58,36 @@ class BatchSource:
 
 def make_source(config, mesh: Mesh) -> BatchSource:
   """Builds the configured data source."""
+  source = config.data.source
+  out = NamedSharding(mesh, sharding.batch_spec(tuple(map(tuple, config.mesh.rules))))
+  if source == "synthetic":
+    return _synthetic(config, out)
+  if source == "shards":
+    return _shards(config, out)
+  raise ValueError(f"config.data.source={source!r}: expected 'synthetic' or 'shards'")
+
+
+def _synthetic(config, out: NamedSharding) -> BatchSource:
   data = config.data
-  if data.source != "synthetic":
-    raise ValueError(f"config.data.source={data.source!r}: expected 'synthetic'")
   features = SyntheticFeatures.create(data.seed, data.d_in, data.m_true, data.fire_prob,
                                       data.mag_low, data.mag_high)
   sample = features.sample(jax.random.key(data.seed + 1), data.normalise_sample_tokens)
   scale = normalisation_scale(sample, resolve_target(data.normalise_target, data.d_in))
-  out = NamedSharding(mesh, sharding.batch_spec(tuple(map(tuple, config.mesh.rules))))
   batch_at = synthetic_batches(features, config.train.batch_size, data.seed + 2, scale, out)
   return BatchSource(data.d_in, SyntheticIterator(batch_at), scale, features.directions)
+
+
+def _shards(config, out: NamedSharding) -> BatchSource:
+  """Harvested activations. Shards hold raw activations; the scale comes from the manifest's
+  E||x||^2 (estimated at harvest time, GATED_SAE.md section 4) and is applied as rows are read."""
+  data = config.data
+  shard_set = shards.open_shards(data.path, verify=data.verify_checksums)
+  if data.d_in != shard_set.d_model:
+    raise ValueError(f"shard folder {data.path}: d_model {shard_set.d_model} in "
+                     f"{shards.MANIFEST}, but config.data.d_in={data.d_in}")
+  target = resolve_target(data.normalise_target, shard_set.d_model)
+  scale = 1.0 if target is None else (target / shard_set.mean_sq_norm()) ** 0.5
+  batches = ShardIterator(shard_set, config.train.batch_size, out, scale, seed=data.seed,
+                          num_epochs=data.num_epochs, num_threads=data.num_threads,
+                          prefetch=data.prefetch)
+  return BatchSource(shard_set.d_model, batches, scale, None)

@@ -1,0 +1,28 @@
+"""An SAE on harvested activations (a folder written by launch/harvest.py).
+
+    python -m launch.harvest --config=experiments/harvest_gemma3_270m.py
+    python -m launch.train --config=experiments/shards.py --workdir=/tmp/gsae \\
+        --config.data.path=/tmp/harvest/gemma3-270m/blocks.6.resid_post
+"""
+
+from experiments import base
+
+
+def get_config():
+  c = base.get_config()
+  c.data.source = "shards"
+  c.data.path = ""                    # shard folder (required)
+  c.data.d_in = 640                   # must equal the manifest's d_model (Gemma 3 270M: 640)
+  c.data.seed = 0                     # global shuffle; epoch e uses permutation (seed, e)
+  c.data.num_epochs = 0               # 0 = repeat forever (train.steps decides)
+  c.data.num_threads = 2              # Grain read threads (state does not depend on it)
+  c.data.prefetch = 4                 # batches read ahead
+  c.data.verify_checksums = True      # sha256 + NaN/Inf scan of every shard before training
+
+  c.sae.d_sae = 10240                 # 16 x d_in
+  c.sae.l1_coefficient = 1.0
+  c.optim.warmup_steps = 1000
+  c.train.steps = 20_000
+  c.train.batch_size = 4096
+  c.train.log_every = 100
+  return c
