@@ -12,6 +12,7 @@ import dataclasses
 import glob
 import hashlib
 import itertools
+import json
 import os
 from typing import Callable, Iterable
 
@@ -21,7 +22,8 @@ import tqdm
 from gsae_jax.data import shards
 
 ActivationFn = Callable[[np.ndarray], np.ndarray]
-_RESUME_IGNORES = ("batch_size",)  # may change between runs without changing the output
+# May change between runs without changing the output (a moved folder, a smaller LM batch).
+_RESUME_IGNORES = ("batch_size", "output_dir")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +130,7 @@ def harvest(folder: str, windows: Iterable[np.ndarray], activation_fn: Activatio
   if spec.num_tokens <= 0 or spec.windows_per_shard <= 0 or spec.batch_size <= 0:
     raise ValueError(f"harvest num_tokens={spec.num_tokens}, windows_per_shard="
                      f"{spec.windows_per_shard}, batch_size={spec.batch_size}: expected > 0")
-  creation_config = dict(creation_config or {})
+  creation_config = json.loads(json.dumps(creation_config or {}))  # as the manifest stores it
   os.makedirs(folder, exist_ok=True)
   if os.path.exists(os.path.join(folder, shards.MANIFEST)):
     manifest = shards.read_manifest(folder)

@@ -100,7 +100,7 @@ class ShardIterator:
 
   def _read(self, batch: int) -> np.ndarray:
     rows = self.rows(batch)
-    x = self.shard_set.gather(rows).astype(np.float32)
+    x = self.shard_set.gather(rows).astype(np.float32, copy=False)
     finite = np.isfinite(x).all(axis=1)
     if not finite.all():  # the open-time scan was switched off, or a file changed under us
       row = int(rows[np.argmin(finite)])

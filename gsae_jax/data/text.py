@@ -146,3 +146,17 @@ def pack_windows(docs: Iterable[Sequence[int]], context_length: int,
       yield np.asarray([bos_id] + buf[start:start + body], np.int32)
       start += body
     buf = buf[start:]
+
+
+def documents(text) -> Iterator[str]:
+  """Documents for `config.text` (source: 'embedded' | 'files' | 'hf')."""
+  if text.source == "embedded":
+    return embedded_corpus()
+  if text.source == "files":
+    return local_documents(list(text.paths), text.text_field)
+  if text.source == "hf":
+    if not text.hf_name:
+      raise ValueError("config.text.hf_name: expected a dataset name for text.source='hf'")
+    return hf_documents(text.hf_name, text.hf_split, text.text_field, text.hf_config or None)
+  raise ValueError(f"config.text.source: expected 'embedded', 'files' or 'hf', found "
+                   f"{text.source!r}")
