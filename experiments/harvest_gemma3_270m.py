@@ -10,6 +10,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = "gemma3-270m"             # gsae_jax.lm.load id, a local HF folder, or a hub name
   c.gguf_file = ""                    # for GGUF checkpoints
+  c.revision = ""                     # hub revision (recorded in the manifest)
   c.model_dtype = "float32"           # LM compute dtype
   c.site = "resid_post"               # resid_pre | resid_post | mlp_out | attn_out | attn_z
   c.layer = 6

@@ -48,8 +48,11 @@ def run(c, progress: bool = True) -> dict:
   """Loads the LM, packs the text and harvests; returns the manifest."""
   from gsae_jax import lm  # the LM stack is only needed here, not by the data pipeline
 
-  model, tokenizer = lm.load(c.model, gguf_file=c.gguf_file or None, dtype=_DTYPES[c.model_dtype])
+  model, tokenizer = lm.load(c.model, gguf_file=c.gguf_file or None, dtype=_DTYPES[c.model_dtype],
+                             revision=c.revision or None)
   cfg = model.config
+  if tokenizer is None:
+    raise ValueError(f"config.model={c.model!r}: no tokenizer files next to the model")
   if c.layer >= cfg.n_layers:
     raise ValueError(f"config.layer: expected < {cfg.n_layers} (layers of {cfg.model_id}), "
                      f"found {c.layer}")
@@ -62,8 +65,7 @@ def run(c, progress: bool = True) -> dict:
     out = model.activations(jnp.asarray(tokens, jnp.int32), [site])[site]
     return np.asarray(out, np.float32)
 
-  # The site's width (attn_z is n_heads * d_head, not always d_model), from a 2-token probe.
-  width = activation_fn(np.full((1, 2), bos, np.int32)).shape[-1]
+  width = model.site_dim(site)  # attn_z is n_heads * d_head, not always d_model
   spec = harvest.HarvestSpec(
       model_id=cfg.model_id, revision=getattr(cfg, "revision", None), site=site, layer=c.layer,
       d_model=int(width), context_length=c.context_length, num_tokens=c.num_tokens,

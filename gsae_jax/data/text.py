@@ -8,6 +8,7 @@ import importlib
 import inspect
 import json
 import os
+import warnings
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -35,12 +36,12 @@ def embedded_corpus() -> Iterator[str]:
     module = importlib.import_module(name)
     if module.__doc__:
       yield module.__doc__
-    for attr in sorted(vars(module)):
-      obj = getattr(module, attr)
-      if attr.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
-        continue
-      if (inspect.isclass(obj) or inspect.isfunction(obj)) and obj.__doc__:
-        yield inspect.cleandoc(obj.__doc__)
+    with warnings.catch_warnings():  # deprecated aliases (typing.io) warn when touched
+      warnings.simplefilter("ignore", DeprecationWarning)
+      docs = [inspect.cleandoc(obj.__doc__) for attr, obj in sorted(vars(module).items())
+              if not attr.startswith("_") and getattr(obj, "__module__", None) == module.__name__
+              and (inspect.isclass(obj) or inspect.isfunction(obj)) and obj.__doc__]
+    yield from docs
 
 
 def _files(patterns: Sequence[str]) -> list[str]:

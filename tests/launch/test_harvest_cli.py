@@ -1,0 +1,87 @@
+"""launch/harvest.py end to end with a tiny GPT-2 and an offline tokenizer: the shards equal
+`LanguageModel.activations()` of the same packed text, BOS rows excluded."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+T = 32
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+  """A 2-layer GPT-2 and a WordLevel tokenizer trained on the embedded corpus, saved as an HF
+  folder (no downloads)."""
+  import tokenizers
+  import torch
+  import transformers
+
+  from gsae_jax.data.text import embedded_corpus
+
+  folder = tmp_path_factory.mktemp("tiny_gpt2")
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  trainer = tokenizers.trainers.WordLevelTrainer(vocab_size=4000,
+                                                 special_tokens=["<bos>", "<unk>"])
+  tok.train_from_iterator(embedded_corpus(), trainer)
+  hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>",
+                                                unk_token="<unk>")
+  hf_tok.save_pretrained(folder)
+  bos = hf_tok.bos_token_id
+  torch.manual_seed(0)
+  config = transformers.GPT2Config(vocab_size=len(hf_tok), n_positions=64, n_embd=32, n_layer=2,
+                                   n_head=2, bos_token_id=bos, eos_token_id=bos)
+  transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+  return str(folder)
+
+
+def _harvest(model, out, *extra):
+  cmd = [sys.executable, "-m", "launch.harvest", "--config=experiments/harvest_gemma3_270m.py",
+         f"--config.model={model}", f"--config.output_dir={out}", "--config.layer=1",
+         "--config.site=resid_post", f"--config.context_length={T}", "--config.num_tokens=1500",
+         "--config.windows_per_shard=16", "--config.batch_size=8", *extra]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_harvest_cli_matches_lm_activations(tiny_lm, tmp_path):
+  from gsae_jax import lm
+  from gsae_jax.data import shards, text
+
+  proc = _harvest(tiny_lm, tmp_path / "out")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "harvested 1,500 tokens of blocks.1.resid_post" in proc.stdout
+  assert "tok/s" in proc.stderr  # tqdm progress: rate and ETA
+  m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+  for field in ("model_id", "revision", "site", "layer", "d_model", "dtype", "token_count",
+                "context_length", "normalisation", "shards", "creation_config"):
+    assert field in m, field
+  assert (m["model_id"], m["site"], m["layer"], m["d_model"], m["context_length"],
+          m["token_count"], m["complete"]) == (tiny_lm, "blocks.1.resid_post", 1, 32, T, 1500,
+                                               True)
+  assert m["creation_config"]["text"]["source"] == "embedded"
+
+  model, tok = lm.load(tiny_lm)
+  bos = model.config.bos_token_id
+  windows = text.pack_windows(text.tokenize_documents(text.embedded_corpus(),
+                                                      text.hf_encoder(tok)), T, bos)
+  batch = np.stack([next(windows) for _ in range(56)])  # 56 x 31 >= 1500 non-BOS tokens
+  acts = np.asarray(model.activations(batch, ["blocks.1.resid_post"])["blocks.1.resid_post"])
+  expected = acts[batch != bos][:1500]
+  got = shards.open_shards(str(tmp_path / "out")).gather(np.arange(1500))
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  ctx = np.concatenate([shards.read_ctx(str(tmp_path / "out"), e) for e in m["shards"]])
+  np.testing.assert_array_equal(ctx[:, 2], batch[batch != bos][:1500])
+
+
+def test_harvest_cli_rejects_bad_config(tmp_path):
+  proc = _harvest("unused", tmp_path / "out", "--config.site=resid_mid")
+  assert proc.returncode != 0
+  assert "config.site: expected one of" in proc.stderr, proc.stderr[-2000:]
+  assert not (tmp_path / "out").exists()
