@@ -35,6 +35,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.resample_every = 0          # 0 = off; else resample dead features every N steps
   c.train.resample_until = 0          # no resampling at or after this step (0 = never stop)
 
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.save_every = 1000      # steps; also saved at the end and on SIGTERM/SIGINT
+  c.checkpoint.keep = 3               # most recent checkpoints kept
+  c.checkpoint.async_save = True
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                    # -1: all devices not used by 'model'
   c.mesh.model = 1

@@ -4,13 +4,16 @@ r"""Trains an SAE from an ml_collections config.
       --config.sae.l1_coefficient=0.1
 
 Prints progress and writes `metrics.jsonl` (one JSON object per log step) and `config.json` to
-the workdir; the final parameters go to `params.npz`.
+the workdir; the final parameters go to `params.npz`. Checkpoints go to `<workdir>/checkpoints`;
+re-running the same command resumes from the latest one (bit-identical on CPU). SIGTERM or
+SIGINT (preemption, Ctrl-C) saves a checkpoint at the current step and exits cleanly.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
 import jax
@@ -19,12 +22,16 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from gsae_jax import configs, sharding
+from gsae_jax.checkpoint import CheckpointError, Checkpointer
 from gsae_jax.data.sources import make_source
 from gsae_jax.eval.metrics import mean_max_cosine
 from gsae_jax.train.loop import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics and outputs.")
+_RESTORE_STEP = flags.DEFINE_integer(
+    "restore_step", None, "Restore this checkpoint step instead of the latest (e.g. when the "
+    "latest is damaged); later checkpoints are moved aside, not deleted.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 _SHOWN = ("loss", "reconstruct", "sparsity", "aux", "l0", "fvu", "gamma", "dead_fraction")
@@ -37,6 +44,8 @@ def _progress_line(step: int, total: int, m: dict[str, float]) -> str:
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # progress lines are printed; library INFO is noise
   config = _CONFIG.value
   try:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
@@ -46,9 +55,18 @@ def main(argv):
   os.makedirs(_WORKDIR.value, exist_ok=True)
   with open(os.path.join(_WORKDIR.value, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
-  logging.info("mesh %s on %s", dict(mesh.shape), jax.devices()[0].platform)
+  print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)",
+        flush=True)
   source = make_source(config, mesh)
   metrics_path = os.path.join(_WORKDIR.value, "metrics.jsonl")
+  checkpointer = Checkpointer(os.path.join(_WORKDIR.value, "checkpoints"),
+                              save_every=config.checkpoint.save_every, keep=config.checkpoint.keep,
+                              async_save=config.checkpoint.async_save)
+  if checkpointer.steps():
+    print(f"resuming from {checkpointer.directory} (steps {checkpointer.steps()})", flush=True)
+  stop = []
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda signum, frame: stop.append(signal.Signals(signum).name))
 
   with open(metrics_path, "a") as log_file:
     def on_metrics(step, m):
@@ -56,7 +74,17 @@ def main(argv):
       log_file.write(json.dumps({"step": step, **m}) + "\n")
       log_file.flush()
 
-    state = train(config, mesh, source.batches, source.d_in, on_metrics)
+    try:
+      state = train(config, mesh, source.batches, source.d_in, on_metrics, checkpointer,
+                    _RESTORE_STEP.value, stop_requested=lambda: bool(stop))
+    except CheckpointError as e:
+      sys.exit(f"error: {e}")
+    finally:
+      checkpointer.close()
+  if stop:
+    print(f"{stop[0]}: saved checkpoint at step {int(state.step)} in {checkpointer.directory}; "
+          "re-run the same command to resume", flush=True)
+    return
 
   params = {k: np.asarray(v) for k, v in jax.device_get(state.params).items()}
   np.savez(os.path.join(_WORKDIR.value, "params.npz"), **params)

@@ -1,31 +1,50 @@
-"""The training loop: state creation, jitted steps, resampling and periodic metrics."""
+"""The training loop: state creation or restore, jitted steps, resampling, metrics, checkpoints."""
 
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
 import jax
 from jax.sharding import Mesh
 
+from gsae_jax.checkpoint import Checkpointer
+from gsae_jax.data.sources import BatchIterator
 from gsae_jax.train import optim
-from gsae_jax.train.state import TrainState, create_train_state, sae_graph
+from gsae_jax.train.state import TrainState, abstract_train_state, sae_graph
 from gsae_jax.train.step import compile_steps
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
 
 
-def train(config, mesh: Mesh, batches: Iterator[jax.Array], d_in: int,
-          on_metrics: MetricsCallback | None = None, state: TrainState | None = None) -> TrainState:
-  """Trains up to `config.train.steps` (from `state.step` when a state is given), drawing one
-  [batch, d_in] array per step from `batches`."""
+def train(config, mesh: Mesh, batches: BatchIterator, d_in: int,
+          on_metrics: MetricsCallback | None = None, checkpointer: Checkpointer | None = None,
+          restore_step: int | None = None,
+          stop_requested: Callable[[], bool] = lambda: False) -> TrainState:
+  """Trains up to `config.train.steps`, drawing one [batch, d_in] array per step from `batches`.
+
+  With a checkpointer, the latest checkpoint (or `restore_step`) is restored first, together with
+  the data iterator's position, and saves happen on its interval, at the end, and as soon as
+  `stop_requested()` turns true (preemption), after which the loop returns early.
+  """
   steps = config.train.steps
   tx = optim.make_optimizer(config.optim, steps)
-  fresh, shardings, graphdef = create_train_state(config, d_in, mesh, tx)
-  state = fresh if state is None else state
+  abstract, shardings, graphdef, init_fn = abstract_train_state(config, d_in, mesh, tx)
+  restored = checkpointer.restore(abstract, restore_step) if checkpointer else None
+  if restored:
+    _, state, data_state = restored
+    batches.set_state(data_state)
+  else:
+    state = init_fn()
   _, _, logical_axes = sae_graph(config, d_in)
   train_step, resample_step = compile_steps(config, mesh, shardings, graphdef, tx,
                                             optim.l1_schedule(config.sae, steps), logical_axes)
+  config_dict = config.to_dict()
+
+  def save(step: int, force: bool) -> None:
+    if checkpointer:
+      checkpointer.save(step, state, batches.get_state(), config_dict, force=force)
+
   every, until = config.train.resample_every, config.train.resample_until
   start = int(state.step)
   t0, t_step = time.perf_counter(), start
@@ -41,4 +60,10 @@ def train(config, mesh: Mesh, batches: Iterator[jax.Array], d_in: int,
       metrics["tokens_per_s"] = (done - t_step) * config.train.batch_size / elapsed
       on_metrics(done, metrics)
       t0, t_step = time.perf_counter(), done
+    stop = stop_requested()
+    save(done, force=stop or done == steps)
+    if stop:
+      break
+  if checkpointer:
+    checkpointer.wait()
   return state

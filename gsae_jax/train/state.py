@@ -48,8 +48,12 @@ def state_specs(config, d_in: int, tx: optax.GradientTransformation):
                     tokens_since_fired=feature, window_fire_count=feature, window_tokens=P())
 
 
-def create_train_state(config, d_in: int, mesh: Mesh, tx: optax.GradientTransformation):
-  """Builds (state, state_shardings, graphdef); weights are created already sharded."""
+def abstract_train_state(config, d_in: int, mesh: Mesh, tx: optax.GradientTransformation):
+  """(abstract state of ShapeDtypeStructs carrying shardings, shardings, graphdef, init_fn).
+
+  Nothing is allocated: `init_fn()` creates the weights already sharded; a checkpoint restore
+  uses the abstract state as its target so arrays land directly in their shardings.
+  """
   graphdef, _, _ = sae_graph(config, d_in)
   shardings = sharding.named(mesh, state_specs(config, d_in, tx))
 
@@ -62,5 +66,13 @@ def create_train_state(config, d_in: int, mesh: Mesh, tx: optax.GradientTransfor
                       window_fire_count=jnp.zeros((d_sae,), jnp.float32),
                       window_tokens=jnp.zeros((), jnp.float32))
 
-  state = jax.jit(init, out_shardings=shardings)()
-  return state, shardings, graphdef
+  init_fn = jax.jit(init, out_shardings=shardings)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          jax.eval_shape(init), shardings)
+  return abstract, shardings, graphdef, init_fn
+
+
+def create_train_state(config, d_in: int, mesh: Mesh, tx: optax.GradientTransformation):
+  """Builds (state, state_shardings, graphdef); weights are created already sharded."""
+  _, shardings, graphdef, init_fn = abstract_train_state(config, d_in, mesh, tx)
+  return init_fn(), shardings, graphdef

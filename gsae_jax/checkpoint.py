@@ -1,0 +1,97 @@
+"""Orbax checkpoints of a training run: train state, data-iterator state and config.
+
+Layout: `<workdir>/checkpoints/<step>/{state,data,config}`. Saves are asynchronous (the train
+loop goes on while files are written) and atomic (Orbax writes a temporary directory and renames
+it), so a run killed at any moment leaves only complete checkpoints behind. Restores place every
+array directly in the shardings of the current mesh, whatever device count saved it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint exists but cannot be used; the message names the step and the way out."""
+
+
+class Checkpointer:
+  """Saves every `save_every` steps (and on demand), keeps the last `keep`."""
+
+  def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.save_every = save_every
+    # The interval is decided here (Orbax alone would also save the first step of every run).
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                           enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, data_state: dict, config: dict, *, force: bool = False) -> bool:
+    """Saves if `step` is on the interval (or `force`); returns whether a save started."""
+    if (step % self.save_every and not force) or step in self._manager.all_steps():
+      return False
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=ocp.args.JsonSave(data_state),
+                              config=ocp.args.JsonSave(config))
+    return self._manager.save(step, args=args, force=True)
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict] | None:
+    """(step, state, data_state) of `step` (default: the latest), or None when there is none.
+
+    `abstract_state` is a pytree of `jax.ShapeDtypeStruct`s with the target shardings. Asking for
+    an earlier step than the latest moves the later ones to `<directory>_superseded/` (kept, never
+    overwritten) so that the resumed run can save those step numbers again.
+    """
+    steps = self.steps()
+    if not steps:
+      if step is not None:
+        raise CheckpointError(f"{self.directory}: no checkpoints, cannot restore step {step}")
+      return None
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise CheckpointError(f"{self.directory}: no checkpoint at step {step}; available: {steps}")
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                              data=ocp.args.JsonRestore())
+    try:
+      restored = self._manager.restore(step, args=args)
+    except Exception as e:  # Orbax/tensorstore raise many types for damaged files.
+      earlier = [s for s in steps if s < step]
+      hint = (f"restore step {earlier[-1]} instead with --restore_step={earlier[-1]}" if earlier
+              else "no earlier checkpoint exists; move the directory away to start afresh")
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} is unreadable "
+                            f"({type(e).__name__}: {str(e)[:300]}); {hint}") from e
+    self._set_aside([s for s in steps if s > step])
+    return step, restored["state"], dict(restored["data"])
+
+  def _set_aside(self, later_steps: list[int]) -> None:
+    if not later_steps:
+      return
+    aside = f"{self.directory}_superseded/{time.strftime('%Y%m%d-%H%M%S')}"
+    os.makedirs(aside, exist_ok=True)
+    for s in later_steps:
+      shutil.move(os.path.join(self.directory, str(s)), os.path.join(aside, str(s)))
+    self._manager.reload()
+
+  def wait(self) -> None:
+    """Blocks until every started save is on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def read_config(directory: str, step: int) -> dict:
+  """The config JSON saved with `step`."""
+  with open(os.path.join(directory, str(step), "config", "metadata")) as f:
+    return json.load(f)
+
