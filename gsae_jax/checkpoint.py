@@ -8,7 +8,6 @@ array directly in the shardings of the current mesh, whatever device count saved
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -47,9 +46,7 @@ class Checkpointer:
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict] | None:
     """(step, state, data_state) of `step` (default: the latest), or None when there is none.
 
-    `abstract_state` is a pytree of `jax.ShapeDtypeStruct`s with the target shardings. Asking for
-    an earlier step than the latest moves the later ones to `<directory>_superseded/` (kept, never
-    overwritten) so that the resumed run can save those step numbers again.
+    `abstract_state` is a pytree of `jax.ShapeDtypeStruct`s with the target shardings. Reads only.
     """
     steps = self.steps()
     if not steps:
@@ -69,10 +66,17 @@ class Checkpointer:
               else "no earlier checkpoint exists; move the directory away to start afresh")
       raise CheckpointError(f"checkpoint step {step} in {self.directory} is unreadable "
                             f"({type(e).__name__}: {str(e)[:300]}); {hint}") from e
-    self._set_aside([s for s in steps if s > step])
     return step, restored["state"], dict(restored["data"])
 
-  def _set_aside(self, later_steps: list[int]) -> None:
+  def restore_config(self, step: int) -> dict:
+    """The config (as a dict) saved with `step`."""
+    return dict(self._manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"])
+
+  def set_aside_after(self, step: int) -> None:
+    """Moves checkpoints later than `step` to `<directory>_superseded/<time>/` (kept, never
+    overwritten), so that a run resumed from `step` can save those step numbers again."""
+    later_steps = [s for s in self.steps() if s > step]
     if not later_steps:
       return
     aside = f"{self.directory}_superseded/{time.strftime('%Y%m%d-%H%M%S')}"
@@ -88,10 +92,4 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
-
-
-def read_config(directory: str, step: int) -> dict:
-  """The config JSON saved with `step`."""
-  with open(os.path.join(directory, str(step), "config", "metadata")) as f:
-    return json.load(f)
 

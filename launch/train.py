@@ -18,14 +18,16 @@ import sys
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from gsae_jax import configs, sharding
 from gsae_jax.checkpoint import CheckpointError, Checkpointer
+from gsae_jax.data import shards
 from gsae_jax.data.sources import make_source
 from gsae_jax.eval.metrics import mean_max_cosine
 from gsae_jax.train.loop import train
+from launch.common import quiet_library_logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics and outputs.")
@@ -42,10 +44,20 @@ def _progress_line(step: int, total: int, m: dict[str, float]) -> str:
   return f"step {step}/{total} {m['tokens_per_s']:,.0f} tokens/s {terms}"
 
 
+def source_description(config, source) -> dict:
+  """What export needs to know about the activations: d_in, the normalisation constant, and for
+  harvested shards the model, site and context facts from their manifest."""
+  info = {"d_in": source.d_in, "normalisation_scale": source.scale, "source": config.data.source}
+  if config.data.source == "shards":
+    manifest = shards.read_manifest(config.data.path)
+    info.update({k: manifest.get(k) for k in ("model_id", "revision", "site", "layer",
+                                               "context_length", "exclude_bos", "bos_token_id")})
+  return info
+
+
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # progress lines are printed; library INFO is noise
+  quiet_library_logs()
   config = _CONFIG.value
   try:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
@@ -58,6 +70,8 @@ def main(argv):
   print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)",
         flush=True)
   source = make_source(config, mesh)
+  with open(os.path.join(_WORKDIR.value, "source.json"), "w") as f:
+    json.dump(source_description(config, source), f, indent=2)
   metrics_path = os.path.join(_WORKDIR.value, "metrics.jsonl")
   checkpointer = Checkpointer(os.path.join(_WORKDIR.value, "checkpoints"),
                               save_every=config.checkpoint.save_every, keep=config.checkpoint.keep,

@@ -32,7 +32,8 @@ def train(config, mesh: Mesh, batches: BatchIterator, d_in: int,
   abstract, shardings, graphdef, init_fn = abstract_train_state(config, d_in, mesh, tx)
   restored = checkpointer.restore(abstract, restore_step) if checkpointer else None
   if restored:
-    _, state, data_state = restored
+    restored_step, state, data_state = restored
+    checkpointer.set_aside_after(restored_step)
     batches.set_state(data_state)
   else:
     state = init_fn()

@@ -66,6 +66,8 @@ def test_damaged_latest_names_step_and_previous_can_be_restored(tiny_config, tmp
 
   step, state, data_state = ckpt.restore(abstract, step=4)
   assert step == 4 and int(state.step) == 4 and data_state == {"step": 4}
+  assert ckpt.steps() == [2, 4, 5]  # restoring only reads
+  ckpt.set_aside_after(4)
   assert ckpt.steps() == [2, 4]
   aside = [d for d, _, fs in os.walk(f"{tmp_path / 'ckpt'}_superseded") if os.path.basename(d) == "5"]
   assert len(aside) == 1  # the damaged step was kept aside, not deleted
