@@ -220,13 +220,15 @@ def load_tokenizer(where: str, gguf_file: str | None, revision: str | None):
   return AutoTokenizer.from_pretrained(where, revision=revision)
 
 
-def load_hf_model(where: str, gguf_file: str | None, revision: str | None, dtype=jnp.float32):
-  """The transformers model (eager attention, eval mode), after checking the family is supported."""
+def load_hf_model(where: str, gguf_file: str | None, revision: str | None, dtype=jnp.float32,
+                  attn_implementation: str = "eager"):
+  """The transformers model in eval mode, after checking the family is supported. Eager attention
+  by default: the reference our tests compare with (it applies Gemma 2's soft-cap)."""
   from transformers import AutoConfig, AutoModelForCausalLM
   if gguf_file is None:  # cheap early check; a GGUF's config costs a full metadata parse
     check_supported(AutoConfig.from_pretrained(where, revision=revision), where)
   kwargs = dict(gguf_file=gguf_file) if gguf_file is not None else dict(revision=revision)
   hf_model = AutoModelForCausalLM.from_pretrained(where, dtype=_torch_dtype(dtype),
-                                                  attn_implementation="eager", **kwargs)
+                                                  attn_implementation=attn_implementation, **kwargs)
   check_supported(hf_model.config, where)
   return hf_model.eval()
