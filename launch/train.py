@@ -62,6 +62,7 @@ def main(argv):
   try:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
     configs.validate(config, dict(mesh.shape))
+    source = make_source(config, mesh)  # opening shards verifies them: bad data stops here
   except ValueError as e:
     sys.exit(f"invalid config {config_flags.get_config_filename(flags.FLAGS['config'])}: {e}")
   os.makedirs(_WORKDIR.value, exist_ok=True)
@@ -69,7 +70,6 @@ def main(argv):
     f.write(config.to_json_best_effort(indent=2))
   print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)",
         flush=True)
-  source = make_source(config, mesh)
   with open(os.path.join(_WORKDIR.value, "source.json"), "w") as f:
     json.dump(source_description(config, source), f, indent=2)
   metrics_path = os.path.join(_WORKDIR.value, "metrics.jsonl")

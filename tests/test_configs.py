@@ -18,7 +18,7 @@ def test_default_configs_are_valid():
     ("sae.gate_eps", 0.0, "> 0"),
     ("train.batch_size", 1023, "multiple of the mesh 'data' axis size 2"),
     ("optim.lr", 0.0, "> 0"),
-    ("data.source", "hub", "one of ('synthetic',)"),
+    ("data.source", "hub", "one of ('synthetic', 'shards')"),
 ])
 def test_bad_values_name_the_field(field, value, message):
   c = synthetic.get_config()
