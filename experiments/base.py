@@ -17,6 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.sae.gate_clip = False             # straight_through: clip to |z| <= 1
   c.sae.tie_r_mag = True              # ablation: False gives a separate W_mag
   c.sae.frozen_aux_decoder = True     # ablation: False lets L_aux train W_dec, b_dec
+  c.sae.init_b_dec = "zeros"          # 'zeros' | 'mean' (mean of the first batches)
+  c.sae.init_b_dec_batches = 4
   c.sae.param_dtype = "float32"
 
   c.optim = ml_collections.ConfigDict()

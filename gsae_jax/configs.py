@@ -20,6 +20,8 @@ def validate(config, mesh_shape: dict[str, int]) -> None:
          sae.architecture)
   _check(sae.gate_backward in GATE_BACKWARD_MODES, "sae.gate_backward",
          f"one of {GATE_BACKWARD_MODES}", sae.gate_backward)
+  _check(sae.init_b_dec in ("zeros", "mean"), "sae.init_b_dec", "'zeros' or 'mean'",
+         sae.init_b_dec)
   _check(sae.gate_eps > 0, "sae.gate_eps", "> 0", sae.gate_eps)
   _check(sae.l1_coefficient >= 0, "sae.l1_coefficient", ">= 0", sae.l1_coefficient)
   _check(sae.l1_warmup_steps >= 0, "sae.l1_warmup_steps", ">= 0", sae.l1_warmup_steps)

@@ -17,6 +17,17 @@ from gsae_jax.train.step import compile_steps
 MetricsCallback = Callable[[int, dict[str, float]], None]
 
 
+def _b_dec_at_data_mean(state: TrainState, batches: BatchIterator, num_batches: int,
+                        b_dec_sharding) -> TrainState:
+  """b_dec = mean of the first `num_batches` batches; the data stream is rewound afterwards, so
+  training still sees every batch (GATED_SAE.md: b_dec = 0 or the data mean)."""
+  start = batches.get_state()
+  xs = [next(batches) for _ in range(num_batches)]
+  batches.set_state(start)
+  mean = jax.numpy.mean(jax.numpy.concatenate(xs), axis=0).astype(state.params["b_dec"].dtype)
+  return state.replace(params={**state.params, "b_dec": jax.device_put(mean, b_dec_sharding)})
+
+
 def train(config, mesh: Mesh, batches: BatchIterator, d_in: int,
           on_metrics: MetricsCallback | None = None, checkpointer: Checkpointer | None = None,
           restore_step: int | None = None,
@@ -37,6 +48,9 @@ def train(config, mesh: Mesh, batches: BatchIterator, d_in: int,
     batches.set_state(data_state)
   else:
     state = init_fn()
+    if config.sae.init_b_dec == "mean":
+      state = _b_dec_at_data_mean(state, batches, config.sae.init_b_dec_batches,
+                                  shardings.params["b_dec"])
   _, _, logical_axes = sae_graph(config, d_in)
   train_step, resample_step = compile_steps(config, mesh, shardings, graphdef, tx,
                                             optim.l1_schedule(config.sae, steps), logical_axes)

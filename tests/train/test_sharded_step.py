@@ -41,3 +41,16 @@ def test_mesh_2x4_equals_single_device(tiny_config, architecture):
 def test_decoder_rows_unit_norm_after_training(tiny_config):
   state, _ = _run(tiny_config, sharding.make_mesh(2, 4))
   np.testing.assert_allclose(np.linalg.norm(state.params["W_dec"], axis=-1), 1.0, rtol=1e-5)
+
+
+def test_b_dec_initialised_at_data_mean_without_skipping_data(tiny_config):
+  tiny_config.sae.init_b_dec = "mean"
+  tiny_config.sae.init_b_dec_batches = 2
+  tiny_config.optim.lr = 1e-12  # so that b_dec stays where it was initialised
+  mesh = sharding.make_mesh(2, 4)
+  source = make_source(tiny_config, mesh)
+  first = [next(source.batches) for _ in range(2)]
+  source.batches.set_state({"step": 0})
+  state = train(tiny_config, mesh, source.batches, source.d_in)
+  np.testing.assert_allclose(state.params["b_dec"], np.concatenate(first).mean(0), rtol=1e-4, atol=1e-6)
+  assert source.batches.get_state() == {"step": 5}  # 5 training steps, the mean did not consume
