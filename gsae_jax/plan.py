@@ -1,0 +1,287 @@
+"""Memory and communication plan of a run, from abstract shapes only (nothing is allocated).
+
+The mesh is a `jax.sharding.AbstractMesh` of the requested size, so a 16-device (or 4096-device)
+plan needs no such devices; every array's per-device shape comes from its NamedSharding under the
+rules table, the same shardings the real run uses. `launch/train.py --dry_run` and
+`launch/harvest.py --dry_run` print a plan and refuse one that does not fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
+
+from gsae_jax import sharding
+
+# [batch, d_sae] buffers live at the peak of one SAE train step (forward + backward), measured
+# from XLA's memory_analysis on CPU for both architectures: temp bytes = 3.0 x batch x d_sae x 4
+# + 2.0 x d_in x d_sae x 4 (the W_gate / W_dec gradients), tests/distributed/test_plan.py checks it.
+SAE_ACTIVATION_BUFFERS = 3
+GiB = 1024**3
+
+
+class PlanError(ValueError):
+  """A configuration that cannot fit; the message names the overflowing term."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+  """One per-device memory term."""
+  name: str
+  bytes: int
+  note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+  """One collective per step: `bytes` is the per-device payload (the buffer being reduced or
+  gathered); `wire_bytes` what a ring algorithm sends per device."""
+  name: str
+  op: str  # 'all-reduce' | 'all-gather'
+  axis: str
+  group: int  # devices per group along `axis`
+  bytes: int
+  count: int = 1  # times per step
+
+  @property
+  def wire_bytes(self) -> int:
+    if self.group <= 1:
+      return 0
+    factor = 2 * (self.group - 1) / self.group if self.op == "all-reduce" else (self.group - 1)
+    return int(round(factor * self.bytes * self.count))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  title: str
+  mesh: dict[str, int]
+  memory: tuple[Term, ...]
+  collectives: tuple[Collective, ...]
+
+  @property
+  def total_bytes(self) -> int:
+    return sum(t.bytes for t in self.memory)
+
+  def term(self, name: str) -> Term:
+    return next(t for t in self.memory if t.name == name)
+
+  def check(self, limit_bytes: int | None) -> None:
+    """Raises PlanError naming the term at which the running per-device sum passes the limit."""
+    if limit_bytes is None:
+      return
+    running = 0
+    for t in self.memory:
+      running += t.bytes
+      if running > limit_bytes:
+        largest = max(self.memory, key=lambda t: t.bytes)
+        raise PlanError(
+            f"{self.title}: does not fit in {_fmt(limit_bytes)} per device on mesh {self.mesh}: "
+            f"'{t.name}' ({_fmt(t.bytes)}) overflows it (running total {_fmt(running)}, "
+            f"all terms {_fmt(self.total_bytes)}; largest term '{largest.name}' "
+            f"{_fmt(largest.bytes)})")
+
+  def format(self, limit_bytes: int | None = None) -> str:
+    lines = [self.title, f"mesh {self.mesh} ({math.prod(self.mesh.values())} devices)",
+             "per-device memory:"]
+    for t in self.memory:
+      lines.append(f"  {t.name:12s} {t.bytes:>16,d} B  {_fmt(t.bytes):>10s}  {t.note}")
+    lines.append(f"  {'total':12s} {self.total_bytes:>16,d} B  {_fmt(self.total_bytes):>10s}")
+    lines.append("collectives per step (per device):")
+    for c in self.collectives:
+      times = f" x{c.count}" if c.count != 1 else ""
+      lines.append(f"  {c.name}: {c.op} over '{c.axis}' ({c.group} devices){times}, "
+                   f"payload {c.bytes:,d} B, ring traffic {c.wire_bytes:,d} B")
+    if not self.collectives:
+      lines.append("  none")
+    if limit_bytes is not None:
+      lines.append(f"device memory {_fmt(limit_bytes)}: {100 * self.total_bytes / limit_bytes:.1f}% "
+                   "used by these terms")
+    return "\n".join(lines)
+
+
+def _fmt(n: float) -> str:
+  for unit, size in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
+    if n >= size:
+      return f"{n / size:.2f} {unit}"
+  return f"{int(n)} B"
+
+
+def mesh_shape(data: int, model: int, num_devices: int) -> dict[str, int]:
+  """The ('data', 'model') sizes `sharding.make_mesh` would build on `num_devices` devices."""
+  if model < 1 or num_devices % model:
+    raise PlanError(f"mesh.model={model}: expected a divisor of the {num_devices} devices")
+  data = num_devices // model if data == -1 else data
+  if data < 1 or data * model > num_devices:
+    raise PlanError(f"mesh data={data} x model={model} needs {data * model} devices, "
+                    f"found {num_devices}")
+  return {"data": data, "model": model}
+
+
+def abstract_mesh(shape: Mapping[str, int]) -> AbstractMesh:
+  return AbstractMesh(tuple(shape.values()), tuple(shape),
+                      axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+
+def device_bytes(x: jax.ShapeDtypeStruct) -> int:
+  """Bytes of one device's shard of an abstract array carrying a NamedSharding."""
+  return math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+
+
+def tree_device_bytes(tree: Any) -> int:
+  return sum(device_bytes(x) for x in jax.tree.leaves(tree))
+
+
+def _spec_note(params: Mapping[str, jax.ShapeDtypeStruct], top: int = 2) -> str:
+  big = sorted(params.items(), key=lambda kv: -math.prod(kv[1].shape))[:top]
+  return ", ".join(f"{k} {list(v.shape)} {v.sharding.spec}" for k, v in big)
+
+
+def sae_plan(config, d_in: int, num_devices: int) -> Plan:
+  """Per-device plan of one SAE train step of `config` on `num_devices` devices."""
+  from gsae_jax.train import optim
+  from gsae_jax.train.state import abstract_train_state
+
+  shape = mesh_shape(config.mesh.data, config.mesh.model, num_devices)
+  mesh = abstract_mesh(shape)
+  if config.sae.d_sae % shape["model"] or config.train.batch_size % shape["data"]:
+    raise PlanError(f"sae.d_sae={config.sae.d_sae}, train.batch_size={config.train.batch_size}: "
+                    f"expected multiples of mesh model={shape['model']} and data={shape['data']}")
+  rules = tuple(map(tuple, config.mesh.rules))
+  tx = optim.make_optimizer(config.optim, config.train.steps)
+  state, _, _, _ = abstract_train_state(config, d_in, mesh, tx)
+  members = int(state.step.shape[0]) if state.step.ndim else 1  # lambda-sweep members, else 1
+  batch = config.train.batch_size
+  x = jax.ShapeDtypeStruct((batch, d_in), jnp.float32,
+                           sharding=NamedSharding(mesh, sharding.batch_spec(rules)))
+  act_dtype = jnp.result_type(jnp.dtype(config.sae.param_dtype), jnp.float32)
+  f = jax.ShapeDtypeStruct((batch, config.sae.d_sae), act_dtype, sharding=NamedSharding(
+      mesh, sharding.logical_spec(("batch", "features"), rules)))
+  params = tree_device_bytes(state.params)
+  stats = tree_device_bytes((state.step, state.rng, state.tokens_since_fired,
+                             state.window_fire_count, state.window_tokens))
+  acts = members * SAE_ACTIVATION_BUFFERS * device_bytes(f)
+  memory = (
+      Term("params", params, _spec_note(state.params)),
+      Term("opt_state", tree_device_bytes(state.opt_state), "Adam mu and nu (+ counts)"),
+      Term("gradients", params, "one gradient per parameter, same shardings"),
+      Term("batch", device_bytes(x), f"x {list(x.shape)} {x.sharding.spec}"),
+      Term("activations", acts, f"{members * SAE_ACTIVATION_BUFFERS} x [batch, d_sae] "
+                                f"{f.sharding.spec} (forward + backward)"),
+      Term("stats", stats, "step, rng, feature firing counters"),
+  )
+  local_rows = batch // shape["data"]
+  n_decoder = 2 if config.sae.architecture == "gated" else 1  # x_hat, and L_aux's x_hat_frozen
+  collectives = []
+  if shape["data"] > 1:
+    collectives.append(Collective("gradients", "all-reduce", "data", shape["data"], params))
+  if shape["model"] > 1:
+    collectives.append(Collective(
+        "decoder partial sums f @ W_dec [batch/data, d_in]", "all-reduce", "model",
+        shape["model"], local_rows * d_in * jnp.dtype(act_dtype).itemsize, members * n_decoder))
+  title = (f"{config.sae.architecture} SAE d_in={d_in} d_sae={config.sae.d_sae} batch={batch}"
+           + (f" x {members} sweep members" if members > 1 else ""))
+  return Plan(title, shape, memory, tuple(collectives))
+
+
+# ----------------------------------------------------------------------------- LM (harvest)
+
+def lm_param_shapes(lm_config) -> dict[str, tuple[int, ...]]:
+  """Dotted parameter path -> shape of our Flax LM for an `LMConfig`, without allocating."""
+  from flax import nnx
+  from gsae_jax.lm.model import Transformer
+  abstract = nnx.eval_shape(lambda: Transformer(lm_config))
+  flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+  return {".".join(map(str, path)): tuple(v.value.shape if hasattr(v, "value") else v.shape)
+          for path, v in flat}
+
+
+def lm_plan(lm_config, shape: Mapping[str, int], *, batch: int, seq: int, stop_layer: int,
+            strategy: str = "fsdp_tp", dtype: Any = jnp.float32) -> Plan:
+  """Per-device plan of one LM forward pass over [batch, seq] tokens up to block `stop_layer`
+  (harvest stops at its site), parameters laid out by `gsae_jax.lm.partition` under `strategy`."""
+  from gsae_jax.lm import partition
+  mesh = abstract_mesh(shape)
+  itemsize = jnp.dtype(dtype).itemsize
+  shapes = lm_param_shapes(lm_config)
+  per_device = {p: math.prod(NamedSharding(mesh, partition.spec_for(p, s, mesh, strategy))
+                             .shard_shape(s)) * itemsize for p, s in shapes.items()}
+  full = {p: math.prod(s) * itemsize for p, s in shapes.items()}
+  params = sum(per_device.values())
+  data, model = shape["data"], shape["model"]
+  if batch % data:
+    raise PlanError(f"batch_size={batch}: expected a multiple of mesh data={data}")
+  rows = batch // data
+  c = lm_config
+  heads_local = c.n_heads // model if c.n_heads % model == 0 and "tp" in strategy else c.n_heads
+  mlp_local = c.d_mlp // model if c.d_mlp % model == 0 and "tp" in strategy else c.d_mlp
+  # Peak of one block: residual in/out and the normed input [rows, seq, d_model], q/k/v/z
+  # [rows, seq, heads * head_dim], float32 scores and probabilities [rows, heads, seq, seq],
+  # MLP gate/up/hidden [rows, seq, d_mlp].
+  acts = (3 * rows * seq * c.d_model * itemsize
+          + 4 * rows * seq * heads_local * c.head_dim * itemsize
+          + 2 * rows * heads_local * seq * seq * 4
+          + 3 * rows * seq * mlp_local * itemsize)
+  memory = (
+      Term("params", params, f"{len(shapes)} arrays, strategy {strategy}"),
+      Term("tokens", rows * seq * 4, f"int32 [{batch}, {seq}] P('data')"),
+      Term("activations", acts, "peak of one block (residual, q/k/v/z, scores, MLP hidden)"),
+      Term("site output", rows * seq * c.d_model * 4, "float32 [batch, seq, d] at the site"),
+  )
+  layers = stop_layer + 1
+  block = [p for p in shapes if p.startswith("blocks.0.")]
+  gathered = sum(full[p] for p in block) - sum(per_device[p] for p in block)
+  collectives = []
+  if data > 1 and "fsdp" in strategy and gathered:
+    collectives.append(Collective("FSDP weight gather per block", "all-gather", "data", data,
+                                  sum(per_device[p] for p in block), layers))
+  if model > 1 and "tp" in strategy:
+    collectives.append(Collective("tensor-parallel attention/MLP outputs [rows, seq, d_model]",
+                                  "all-reduce", "model", model, rows * seq * c.d_model * itemsize,
+                                  2 * layers))
+  return Plan(f"LM forward {c.model_id or c.family} to block {stop_layer}, batch {batch} x {seq}",
+              dict(shape), memory, tuple(collectives))
+
+
+def lm_config_from_hf_config(hf_config, model_id: str = ""):
+  """An `LMConfig` from a transformers config alone (no weights; rotary tables left out, which
+  the plan does not need)."""
+  from gsae_jax.lm.config import FAMILIES, LMConfig, _common, check_supported
+  family = check_supported(hf_config, model_id or "config")
+  facts = dict(_common(hf_config), **FAMILIES[hf_config.model_type][1](hf_config))
+  return LMConfig(family=family, model_id=model_id, **facts)
+
+
+def parse_memory_limit(gib: float | None, devices: Sequence[Any] | None = None) -> int | None:
+  """Bytes per device: the flag, else the local accelerator's own limit, else None (unknown)."""
+  if gib is not None:
+    return int(gib * GiB)
+  for d in devices or ():
+    stats = d.memory_stats() if hasattr(d, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+      return int(stats["bytes_limit"])
+  return None
+
+
+def report(p: Plan, limit_bytes: int | None) -> str | None:
+  """Prints the plan; returns the refusal message when it does not fit, else None."""
+  print(p.format(limit_bytes), flush=True)
+  try:
+    p.check(limit_bytes)
+  except PlanError as e:
+    return str(e)
+  if limit_bytes is None:
+    print("no device memory limit known (CPU): pass --device_memory_gib to check the fit",
+          flush=True)
+  return None
+
+
+def dry_run_sae(config, num_devices: int | None, memory_gib: float | None) -> str | None:
+  """`launch/train.py --dry_run`: prints the plan; returns the refusal message or None."""
+  devices = jax.devices() if num_devices is None else None
+  p = sae_plan(config, config.data.d_in, num_devices or len(devices))
+  return report(p, parse_memory_limit(memory_gib, devices))
