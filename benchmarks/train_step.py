@@ -60,7 +60,7 @@ def train_step_tokens_per_s(architecture: str, d_in: int, d_sae: int, batch: int
   tx = optim.make_optimizer(c.optim, c.train.steps)
   state, shardings, graphdef = create_train_state(c, d_in, mesh, tx)
   _, _, axes = sae_graph(c, d_in)
-  step, _ = compile_steps(c, mesh, shardings, graphdef, tx, optim.l1_schedule(c.sae, 1000), axes)
+  step, _ = compile_steps(c, mesh, shardings, graphdef, tx, axes)
   x = jax.device_put(jax.random.normal(jax.random.key(2), (batch, d_in)),
                      jax.sharding.NamedSharding(mesh, sharding.batch_spec()))
   state, metrics = step(state, x)  # compile and warm up

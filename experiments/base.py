@@ -21,6 +21,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.sae.init_b_dec_batches = 4
   c.sae.param_dtype = "float32"
 
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.l1_coefficients = ()        # non-empty: train one SAE per lambda in one data pass
+                                      # (jax.vmap over the grid); sae.l1_coefficient is unused
+
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 3e-4                   # the paper's LR for every Gated SAE
   c.optim.b1 = 0.0

@@ -24,6 +24,8 @@ def validate(config, mesh_shape: dict[str, int]) -> None:
          sae.init_b_dec)
   _check(sae.gate_eps > 0, "sae.gate_eps", "> 0", sae.gate_eps)
   _check(sae.l1_coefficient >= 0, "sae.l1_coefficient", ">= 0", sae.l1_coefficient)
+  grid = tuple(config.sweep.l1_coefficients)
+  _check(all(g >= 0 for g in grid), "sweep.l1_coefficients", "values >= 0", grid)
   _check(sae.l1_warmup_steps >= 0, "sae.l1_warmup_steps", ">= 0", sae.l1_warmup_steps)
   _check(sae.d_sae > 0, "sae.d_sae", "> 0", sae.d_sae)
   _check(sae.d_sae % mesh_shape["model"] == 0, "sae.d_sae",

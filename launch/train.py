@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from gsae_jax import configs, sharding
+from gsae_jax import configs, distributed, plan, sharding
 from gsae_jax.checkpoint import CheckpointError, Checkpointer
 from gsae_jax.data import shards
 from gsae_jax.data.sources import make_source
@@ -35,12 +35,19 @@ _RESTORE_STEP = flags.DEFINE_integer(
     "restore_step", None, "Restore this checkpoint step instead of the latest (e.g. when the "
     "latest is damaged); later checkpoints are moved aside, not deleted.")
 flags.mark_flags_as_required(["config", "workdir"])
+_DIST = distributed.define_flags()  # --distributed, --coordinator_address, ..., --dry_run
 
 _SHOWN = ("loss", "reconstruct", "sparsity", "aux", "l0", "fvu", "gamma", "dead_fraction")
 
 
-def _progress_line(step: int, total: int, m: dict[str, float]) -> str:
-  terms = " ".join(f"{k}={m[k]:.4g}" for k in _SHOWN if k in m)
+def _fmt(value) -> str:
+  if isinstance(value, list):  # one value per member of a lambda sweep
+    return "[" + ",".join(f"{v:.3g}" for v in value) + "]"
+  return f"{value:.4g}"
+
+
+def _progress_line(step: int, total: int, m: dict) -> str:
+  terms = " ".join(f"{k}={_fmt(m[k])}" for k in _SHOWN if k in m)
   return f"step {step}/{total} {m['tokens_per_s']:,.0f} tokens/s {terms}"
 
 
@@ -55,25 +62,25 @@ def source_description(config, source) -> dict:
   return info
 
 
-def main(argv):
-  del argv
-  quiet_library_logs()
-  config = _CONFIG.value
-  try:
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
-    configs.validate(config, dict(mesh.shape))
-    source = make_source(config, mesh)  # opening shards verifies them: bad data stops here
-  except ValueError as e:
-    sys.exit(f"invalid config {config_flags.get_config_filename(flags.FLAGS['config'])}: {e}")
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  with open(os.path.join(_WORKDIR.value, "config.json"), "w") as f:
+def run(config, workdir: str, restore_step: int | None = None):
+  """Validates, trains (resuming from `<workdir>/checkpoints`) and writes the workdir files.
+
+  Returns (state, source, stopped): `stopped` names the signal that ended the run early, or None.
+  Raises ValueError for a bad config or bad data and CheckpointError for unusable checkpoints,
+  before anything is trained.
+  """
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
+  distributed.check_process_batch_slices(mesh)  # each process reads its 1/P of every batch
+  configs.validate(config, dict(mesh.shape))
+  source = make_source(config, mesh)  # opening shards verifies them: bad data stops here
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
   print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)",
         flush=True)
-  with open(os.path.join(_WORKDIR.value, "source.json"), "w") as f:
+  with open(os.path.join(workdir, "source.json"), "w") as f:
     json.dump(source_description(config, source), f, indent=2)
-  metrics_path = os.path.join(_WORKDIR.value, "metrics.jsonl")
-  checkpointer = Checkpointer(os.path.join(_WORKDIR.value, "checkpoints"),
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                               save_every=config.checkpoint.save_every, keep=config.checkpoint.keep,
                               async_save=config.checkpoint.async_save)
   if checkpointer.steps():
@@ -82,7 +89,8 @@ def main(argv):
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda signum, frame: stop.append(signal.Signals(signum).name))
 
-  with open(metrics_path, "a") as log_file:
+  log_path = os.path.join(workdir, "metrics.jsonl") if distributed.is_primary() else os.devnull
+  with open(log_path, "a") as log_file:
     def on_metrics(step, m):
       print(_progress_line(step, config.train.steps, m), flush=True)
       log_file.write(json.dumps({"step": step, **m}) + "\n")
@@ -90,21 +98,45 @@ def main(argv):
 
     try:
       state = train(config, mesh, source.batches, source.d_in, on_metrics, checkpointer,
-                    _RESTORE_STEP.value, stop_requested=lambda: bool(stop))
-    except CheckpointError as e:
-      sys.exit(f"error: {e}")
+                    restore_step, stop_requested=lambda: bool(stop))
     finally:
       checkpointer.close()
   if stop:
-    print(f"{stop[0]}: saved checkpoint at step {int(state.step)} in {checkpointer.directory}; "
+    step = int(np.asarray(state.step).flat[0])
+    print(f"{stop[0]}: saved checkpoint at step {step} in {checkpointer.directory}; "
           "re-run the same command to resume", flush=True)
-    return
+    return state, source, stop[0]
 
-  params = {k: np.asarray(v) for k, v in jax.device_get(state.params).items()}
-  np.savez(os.path.join(_WORKDIR.value, "params.npz"), **params)
+  # params.npz: our names; in a sweep every array has a leading member axis.
+  params = {k: np.asarray(v) for k, v in distributed.to_host(state.params).items()}
+  if distributed.is_primary():
+    np.savez(os.path.join(workdir, "params.npz"), **params)
   if source.ground_truth is not None:
-    mmcs = float(mean_max_cosine(params["W_dec"], source.ground_truth))
-    print(f"mean max cosine similarity to the true features: {mmcs:.4f}", flush=True)
+    w_dec = params["W_dec"].reshape((-1,) + params["W_dec"].shape[-2:])
+    mmcs = [float(mean_max_cosine(w, source.ground_truth)) for w in w_dec]
+    print(f"mean max cosine similarity to the true features: {_fmt(mmcs if len(mmcs) > 1 else mmcs[0])}",
+          flush=True)
+  return state, source, None
+
+
+def main(argv):
+  del argv
+  quiet_library_logs()
+  config = _CONFIG.value
+  name = config_flags.get_config_filename(flags.FLAGS["config"])
+  if _DIST.dry_run.value:  # shapes only: no weights, no data, no cluster
+    try:
+      refused = plan.dry_run_sae(config, _DIST.dry_run_devices.value, _DIST.device_memory_gib.value)
+    except ValueError as e:
+      sys.exit(f"invalid config ({name}): {e}")
+    sys.exit(f"dry run: {refused}" if refused else 0)
+  distributed.initialize_from_flags(_DIST)
+  try:
+    run(config, _WORKDIR.value, _RESTORE_STEP.value)
+  except CheckpointError as e:
+    sys.exit(f"error: {e}")
+  except ValueError as e:
+    sys.exit(f"invalid config or data ({name}): {e}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import time
 from typing import Callable
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from gsae_jax.checkpoint import Checkpointer
@@ -24,7 +25,9 @@ def _b_dec_at_data_mean(state: TrainState, batches: BatchIterator, num_batches: 
   start = batches.get_state()
   xs = [next(batches) for _ in range(num_batches)]
   batches.set_state(start)
-  mean = jax.numpy.mean(jax.numpy.concatenate(xs), axis=0).astype(state.params["b_dec"].dtype)
+  b_dec = state.params["b_dec"]  # [d_in], or [members, d_in] in a sweep
+  mean = jax.numpy.mean(jax.numpy.concatenate(xs), axis=0).astype(b_dec.dtype)
+  mean = jax.numpy.broadcast_to(mean, b_dec.shape)
   return state.replace(params={**state.params, "b_dec": jax.device_put(mean, b_dec_sharding)})
 
 
@@ -52,8 +55,7 @@ def train(config, mesh: Mesh, batches: BatchIterator, d_in: int,
       state = _b_dec_at_data_mean(state, batches, config.sae.init_b_dec_batches,
                                   shardings.params["b_dec"])
   _, _, logical_axes = sae_graph(config, d_in)
-  train_step, resample_step = compile_steps(config, mesh, shardings, graphdef, tx,
-                                            optim.l1_schedule(config.sae, steps), logical_axes)
+  train_step, resample_step = compile_steps(config, mesh, shardings, graphdef, tx, logical_axes)
   config_dict = config.to_dict()
 
   def save(step: int, force: bool) -> None:
@@ -61,7 +63,7 @@ def train(config, mesh: Mesh, batches: BatchIterator, d_in: int,
       checkpointer.save(step, state, batches.get_state(), config_dict, force=force)
 
   every, until = config.train.resample_every, config.train.resample_until
-  start = int(state.step)
+  start = int(np.asarray(state.step).flat[0])  # a sweep's members share the step
   t0, t_step = time.perf_counter(), start
   for step in range(start, steps):
     x = next(batches)
@@ -70,7 +72,8 @@ def train(config, mesh: Mesh, batches: BatchIterator, d_in: int,
     if every and done % every == 0 and (until == 0 or done < until):
       state = resample_step(state, x)
     if on_metrics and (done % config.train.log_every == 0 or done == steps):
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      # floats, or lists over the members of a sweep
+      metrics = {k: np.asarray(v).tolist() for k, v in jax.device_get(metrics).items()}
       elapsed = time.perf_counter() - t0
       metrics["tokens_per_s"] = (done - t_step) * config.train.batch_size / elapsed
       on_metrics(done, metrics)

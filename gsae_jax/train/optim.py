@@ -27,9 +27,9 @@ def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
   return piecewise_linear(optim_config.lr, total_steps, optim_config.warmup_steps, decay_steps)
 
 
-def l1_schedule(sae_config, total_steps: int) -> optax.Schedule:
-  """Linear lambda warm-up from 0 over `sae.l1_warmup_steps`, then constant."""
-  return piecewise_linear(sae_config.l1_coefficient, total_steps, sae_config.l1_warmup_steps)
+def l1_warmup(sae_config, total_steps: int) -> optax.Schedule:
+  """Factor in [0, 1] on lambda: linear warm-up from 0 over `sae.l1_warmup_steps`, then 1."""
+  return piecewise_linear(1.0, total_steps, sae_config.l1_warmup_steps)
 
 
 def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:

@@ -27,6 +27,12 @@ class TrainState:
   window_tokens: jax.Array  # float32 [], tokens in the current window
 
 
+def sweep_grid(config) -> tuple[float, ...] | None:
+  """The lambda grid of a sweep run (`config.sweep.l1_coefficients`), or None for a single SAE."""
+  grid = tuple(config.get("sweep", {}).get("l1_coefficients", ()) or ())
+  return grid or None
+
+
 def sae_graph(config, d_in: int):
   """(graphdef, abstract params) of the configured SAE, without allocating weights."""
   sae = nnx.eval_shape(lambda: build_sae(config.sae, d_in, config.seed))
@@ -44,8 +50,11 @@ def state_specs(config, d_in: int, tx: optax.GradientTransformation):
       tx, lambda _, spec: spec, abstract_opt, p_specs,
       transform_non_params=lambda _: P(), is_leaf=lambda s: isinstance(s, P))
   feature = sharding.logical_spec(("features",), rules)
-  return TrainState(step=P(), params=p_specs, opt_state=opt_specs, rng=P(),
-                    tokens_since_fired=feature, window_fire_count=feature, window_tokens=P())
+  specs = TrainState(step=P(), params=p_specs, opt_state=opt_specs, rng=P(),
+                     tokens_since_fired=feature, window_fire_count=feature, window_tokens=P())
+  if sweep_grid(config) is not None:  # leading member axis, not sharded
+    specs = jax.tree.map(lambda s: P(None, *s), specs, is_leaf=lambda s: isinstance(s, P))
+  return specs
 
 
 def abstract_train_state(config, d_in: int, mesh: Mesh, tx: optax.GradientTransformation):
@@ -66,6 +75,10 @@ def abstract_train_state(config, d_in: int, mesh: Mesh, tx: optax.GradientTransf
                       window_fire_count=jnp.zeros((d_sae,), jnp.float32),
                       window_tokens=jnp.zeros((), jnp.float32))
 
+  grid = sweep_grid(config)
+  if grid is not None:  # every member starts from the same weights; only lambda differs
+    single = init
+    init = lambda: jax.tree.map(lambda a: jnp.stack([a] * len(grid)), single())
   init_fn = jax.jit(init, out_shardings=shardings)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           jax.eval_shape(init), shardings)

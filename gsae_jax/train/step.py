@@ -13,14 +13,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from gsae_jax import sharding
 from gsae_jax.eval import metrics as metric_defs
 from gsae_jax.sae.resample import resample_dead
-from gsae_jax.train.state import TrainState
+from gsae_jax.train import optim
+from gsae_jax.train.state import TrainState, sweep_grid
 
 
-def train_step(state: TrainState, x: jax.Array, *, graphdef, tx: optax.GradientTransformation,
-               l1_schedule: optax.Schedule, feature_window_tokens: int):
-  """Returns (new_state, metrics) for one batch x [batch, d_in]."""
-  l1_coefficient = l1_schedule(state.step)
-
+def train_step(state: TrainState, x: jax.Array, l1_coefficient: jax.Array, *, graphdef,
+               tx: optax.GradientTransformation, feature_window_tokens: int):
+  """Returns (new_state, metrics) for one batch x [batch, d_in] at sparsity `l1_coefficient`."""
   def loss_fn(params):
     terms, out = nnx.merge(graphdef, params).loss_terms(x, l1_coefficient)
     return sum(terms.values()), (terms, out)
@@ -72,13 +71,27 @@ def jit_sharded(fn, mesh: Mesh, state_shardings, rules, with_metrics: bool):
                  donate_argnums=0)
 
 
-def compile_steps(config, mesh: Mesh, state_shardings, graphdef, tx, l1_schedule, logical_axes):
-  """(train_step, resample_step), both jitted with shardings."""
+def compile_steps(config, mesh: Mesh, state_shardings, graphdef, tx, logical_axes):
+  """(train_step, resample_step), both jitted with shardings.
+
+  With a lambda grid (`config.sweep.l1_coefficients`), the state has a leading member axis and
+  both steps are `jax.vmap`ped over it: every member sees the same batch (one data pass).
+  """
   rules = tuple(map(tuple, config.mesh.rules))
   window = int(config.train.feature_window_tokens)
-  step = functools.partial(train_step, graphdef=graphdef, tx=tx, l1_schedule=l1_schedule,
-                           feature_window_tokens=window)
+  warmup = optim.l1_warmup(config.sae, config.train.steps)
+  step = functools.partial(train_step, graphdef=graphdef, tx=tx, feature_window_tokens=window)
   resample = functools.partial(resample_step, graphdef=graphdef, tx=tx, logical_axes=logical_axes,
                                feature_window_tokens=window)
-  return (jit_sharded(step, mesh, state_shardings, rules, True),
-          jit_sharded(resample, mesh, state_shardings, rules, False))
+  grid = sweep_grid(config)
+  if grid is None:
+    lam = config.sae.l1_coefficient
+    train_fn = lambda state, x: step(state, x, lam * warmup(state.step))
+    resample_fn = resample
+  else:
+    grid = jnp.asarray(grid, jnp.float32)
+    train_fn = lambda states, x: jax.vmap(
+        lambda s, g: step(s, x, g * warmup(s.step)))(states, grid)
+    resample_fn = lambda states, x: jax.vmap(lambda s: resample(s, x))(states)
+  return (jit_sharded(train_fn, mesh, state_shardings, rules, True),
+          jit_sharded(resample_fn, mesh, state_shardings, rules, False))

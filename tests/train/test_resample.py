@@ -19,8 +19,7 @@ def test_resampling_reinitialises_only_dead_features(tiny_config, architecture):
   tx = optim.make_optimizer(c.optim, c.train.steps)
   state, shardings, graphdef = create_train_state(c, source.d_in, mesh, tx)
   _, _, axes = sae_graph(c, source.d_in)
-  train_step, resample_step = compile_steps(c, mesh, shardings, graphdef, tx,
-                                            optim.l1_schedule(c.sae, c.train.steps), axes)
+  train_step, resample_step = compile_steps(c, mesh, shardings, graphdef, tx, axes)
   for step in range(3):
     state, _ = train_step(state, next(source.batches))
   dead = np.zeros(c.sae.d_sae, bool)

@@ -54,3 +54,20 @@ def test_b_dec_initialised_at_data_mean_without_skipping_data(tiny_config):
   state = train(tiny_config, mesh, source.batches, source.d_in)
   np.testing.assert_allclose(state.params["b_dec"], np.concatenate(first).mean(0), rtol=1e-4, atol=1e-6)
   assert source.batches.get_state() == {"step": 5}  # 5 training steps, the mean did not consume
+
+
+def test_vmapped_lambda_sweep_equals_separate_runs(tiny_config):
+  """One data pass over a lambda grid gives each member what a separate run would."""
+  tiny_config.sweep.l1_coefficients = (0.2, 2.0)
+  tiny_config.mesh.data, tiny_config.mesh.model = 2, 4
+  sweep, hist = _run(tiny_config, sharding.make_mesh(2, 4))
+  assert sweep.params["W_dec"].shape == (2, 64, 16)
+  assert sweep.params["W_dec"].sharding.spec == P(None, "model", None)
+  assert len(hist[-1]["l0"]) == 2 and hist[-1]["l0"][0] > hist[-1]["l0"][1]
+  for i, lam in enumerate((0.2, 2.0)):
+    single_config = tiny_config.copy_and_resolve_references()
+    single_config.sweep.l1_coefficients = ()
+    single_config.sae.l1_coefficient = lam
+    single, _ = _run(single_config, sharding.make_mesh(2, 4))
+    for name, value in single.params.items():
+      np.testing.assert_allclose(sweep.params[name][i], value, rtol=1e-5, atol=1e-6, err_msg=name)
