@@ -1,0 +1,128 @@
+"""The memory/communication planner and `launch/train.py --dry_run`: a hand computation for the
+Gemma-7B config on 16 simulated devices, refusal naming the overflowing term, and the plan
+checked against XLA's own memory analysis of the compiled step on 8 fake devices."""
+
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from experiments import gemma7b, synthetic
+from gsae_jax import plan, sharding
+from gsae_jax.train import optim
+from gsae_jax.train.state import abstract_train_state, sae_graph
+from gsae_jax.train.step import compile_steps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Runs the CLI in-process of a child and reports the child's peak RSS after it exits.
+_CHILD = ("import resource, runpy, sys; sys.argv = ['launch.train'] + sys.argv[1:]\n"
+          "try:\n  runpy.run_module('launch.train', run_name='__main__')\n"
+          "finally:\n  print('maxrss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+          "flush=True)\n")
+
+
+def _dry_run(tmp_path, *flags):
+  cmd = [sys.executable, "-c", _CHILD, "--config=experiments/gemma7b.py",
+         f"--workdir={tmp_path / 'w'}", "--dry_run", "--dry_run_devices=16", *flags]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def _term(out: str, name: str) -> int:
+  m = re.search(rf"^  {name} +([\d,]+) B", out, re.M)
+  assert m, f"no '{name}' line in:\n{out}"
+  return int(m.group(1).replace(",", ""))
+
+
+def test_gemma7b_dry_run_matches_hand_computation(tmp_path):
+  proc = _dry_run(tmp_path, "--device_memory_gib=16")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = proc.stdout
+  # Hand computation: d = 3072, M = 2^17, batch 4096, mesh data=2 x model=8, float32.
+  d, m, batch, data, model = 3072, 2**17, 4096, 2, 8
+  assert "mesh {'data': 2, 'model': 8} (16 devices)" in out
+  m_local, rows = m // model, batch // data
+  params = 4 * (d * m_local            # W_gate [d, M] split on M
+                + m_local * d          # W_dec [M, d] split on M
+                + 3 * m_local          # r_mag, b_gate, b_mag
+                + d)                   # b_dec, replicated
+  assert _term(out, "params") == params == 402_862_080
+  opt = _term(out, "opt_state")
+  assert 2 * params <= opt <= 2 * params + 64  # Adam mu, nu (+ int32 step counters)
+  assert _term(out, "gradients") == params
+  assert _term(out, "batch") == 4 * rows * d == 25_165_824
+  assert _term(out, "activations") == 4 * (4 * rows * m_local) == 536_870_912  # 4 buffers, gated
+  assert _term(out, "stats") == 4 * (1 + 2 + 2 * m_local + 1)  # step, rng, 2 counters, tokens
+  total = params + opt + params + 4 * rows * d + 16 * rows * m_local + 4 * (4 + 2 * m_local)
+  assert _term(out, "total") == total
+  assert f"gradients: all-reduce over 'data' (2 devices), payload {params:,d} B" in out
+  assert (f"all-reduce over 'model' (8 devices) x2, payload {4 * rows * d:,d} B, "
+          f"ring traffic {round(2 * 7 / 8 * 2 * 4 * rows * d):,d} B") in out
+  # Shapes only: the unsharded weights alone would be 3.2 GB (+ 6.4 GB of Adam state).
+  rss_kib = int(re.search(r"maxrss_kib (\d+)", out).group(1))
+  assert rss_kib < 1_000_000, rss_kib
+  assert not (tmp_path / "w").exists()
+
+
+def test_dry_run_refuses_naming_the_overflowing_term(tmp_path):
+  proc = _dry_run(tmp_path, "--device_memory_gib=1")
+  assert proc.returncode == 1
+  assert "does not fit in 1.00 GiB per device" in proc.stderr
+  assert "'opt_state' (768.40 MiB) overflows it" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_dry_run_refuses_a_mesh_the_dictionary_does_not_divide(tmp_path):
+  proc = _dry_run(tmp_path, "--config.mesh.model=6", "--dry_run_devices=12")
+  assert proc.returncode != 0
+  assert "mesh model=6" in proc.stderr or "sae.d_sae" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_plan_check_names_term():
+  c = gemma7b.get_config()
+  p = plan.sae_plan(c, 3072, 16)
+  p.check(int(2.5 * plan.GiB))
+  with pytest.raises(plan.PlanError, match="'activations'"):
+    p.check(p.total_bytes - p.term("stats").bytes - p.term("activations").bytes // 2)
+  with pytest.raises(plan.PlanError, match="'params'"):
+    p.check(100)
+
+
+def test_more_model_shards_cut_per_device_dictionary_memory():
+  c = gemma7b.get_config()
+  c.mesh.model = 16
+  p16 = plan.sae_plan(c, 3072, 16)
+  c.mesh.model = 8
+  p8 = plan.sae_plan(c, 3072, 16)
+  assert p16.term("params").bytes < 0.51 * p8.term("params").bytes
+  assert p16.mesh == {"data": 1, "model": 16}
+  assert [x.axis for x in p16.collectives] == ["model"]  # no data axis: no gradient all-reduce
+
+
+def _compiled_step(config, d_in, mesh_shape):
+  config.mesh.data, config.mesh.model = mesh_shape
+  mesh = sharding.make_mesh(*mesh_shape)
+  tx = optim.make_optimizer(config.optim, config.train.steps)
+  abstract, shardings, graphdef, _ = abstract_train_state(config, d_in, mesh, tx)
+  _, _, logical_axes = sae_graph(config, d_in)
+  step, _ = compile_steps(config, mesh, shardings, graphdef, tx, logical_axes)
+  x = jax.ShapeDtypeStruct((config.train.batch_size, d_in), jnp.float32,
+                           sharding=jax.sharding.NamedSharding(mesh, sharding.batch_spec()))
+  return step.lower(abstract, x).compile()
+
+
+@pytest.mark.parametrize("arch, mesh_shape", [("gated", (2, 4)), ("baseline", (4, 2)),
+                                              ("gated", (1, 8))])
+def test_plan_agrees_with_xla_memory_analysis(arch, mesh_shape):
+  c = synthetic.get_config()
+  c.sae.architecture, c.sae.d_sae, c.train.batch_size = arch, 4096, 512
+  compiled = _compiled_step(c, 64, mesh_shape)
+  ma = compiled.memory_analysis()
+  p = plan.sae_plan(c, 64, 8)
+  t = {term.name: term.bytes for term in p.memory}
+  # Inputs are exactly the state and the batch; the donated state is aliased to the outputs.
+  assert ma.argument_size_in_bytes == t["params"] + t["opt_state"] + t["stats"] + t["batch"]
+  xla = ma.argument_size_in_bytes + ma.temp_size_in_bytes
+  assert 0.85 * xla <= p.total_bytes <= 1.15 * xla, (p.total_bytes, xla)
