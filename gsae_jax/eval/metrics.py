@@ -69,3 +69,13 @@ def mean_max_cosine(w_dec: jax.Array, true_directions: jax.Array) -> jax.Array:
   a = w_dec / jnp.linalg.norm(w_dec, axis=-1, keepdims=True)
   b = true_directions / jnp.linalg.norm(true_directions, axis=-1, keepdims=True)
   return jnp.mean(jnp.max(b @ a.T, axis=-1))
+
+
+def log10_feature_density(fire_counts: jax.Array, tokens: jax.Array) -> jax.Array:
+  """log10 of each feature's firing frequency (-inf for features that never fired)."""
+  return jnp.log10(fire_counts / tokens)
+
+
+def loss_recovered(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
+  """(CE_zero - CE_sae) / (CE_zero - CE_clean): 1 = the SAE costs nothing, 0 = as bad as zeros."""
+  return (ce_zero - ce_sae) / (ce_zero - ce_clean)
