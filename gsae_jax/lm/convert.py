@@ -140,8 +140,9 @@ def from_hf(hf_model: Any, *, model_id: str, revision: str | None = None, dtype=
             consume: bool = False) -> Transformer:
   """Our Transformer from a loaded transformers causal LM.
 
-  consume=True frees each torch tensor's storage once converted (the torch model is unusable
-  afterwards); tests keep it (False) to compare against it.
+  consume=True drops each torch tensor (from the state dict and its module) once converted, so
+  host memory peaks at the torch model plus one tensor; the torch model is unusable afterwards.
+  Tests keep it (False) to compare against it.
   """
   cfg = config_from_hf(hf_model, model_id, revision)
   out_emb, in_emb = hf_model.get_output_embeddings(), hf_model.get_input_embeddings()
