@@ -287,3 +287,30 @@ def dry_run_sae(config, num_devices: int | None, memory_gib: float | None) -> st
   devices = jax.devices() if num_devices is None else None
   p = sae_plan(config, config.data.d_in, num_devices or len(devices))
   return report(p, parse_memory_limit(memory_gib, devices))
+
+
+def harvest_hf_config(c):
+  """The transformers config of the harvest's model, read without its weights (config.json, or
+  a GGUF's metadata)."""
+  from transformers import AutoConfig
+  from gsae_jax.lm.convert import resolve
+  where, gguf, revision = resolve(c.model, c.gguf_file or None, c.revision or None)
+  if gguf is not None:
+    return AutoConfig.from_pretrained(where, gguf_file=gguf)
+  return AutoConfig.from_pretrained(where, revision=revision)
+
+
+def dry_run_harvest(c, num_devices: int | None, memory_gib: float | None) -> str | None:
+  """`launch/harvest.py --dry_run`: the LM forward's plan up to the site's block, with the
+  harvest config's `mesh` (data, model, strategy; default: all devices on 'data', FSDP)."""
+  devices = jax.devices() if num_devices is None else None
+  mesh_config = c.get("mesh") or {}
+  shape = mesh_shape(mesh_config.get("data", -1), mesh_config.get("model", 1),
+                     num_devices or len(devices))
+  lm_config = lm_config_from_hf_config(harvest_hf_config(c), c.model)
+  if c.layer >= lm_config.n_layers:
+    raise PlanError(f"config.layer: expected < {lm_config.n_layers}, found {c.layer}")
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[c.model_dtype]
+  p = lm_plan(lm_config, shape, batch=c.batch_size, seq=c.context_length, stop_layer=c.layer,
+              strategy=mesh_config.get("strategy", "fsdp"), dtype=dtype)
+  return report(p, parse_memory_limit(memory_gib, devices))

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from gsae_jax import distributed, plan
 from gsae_jax.data import harvest, text
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Harvest config file.", lock_config=True)
 flags.mark_flags_as_required(["config"])
+_DIST = distributed.define_flags()  # --distributed, --coordinator_address, ..., --dry_run
 
 SITE_KINDS = ("resid_pre", "resid_post", "mlp_out", "attn_out", "attn_z")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -84,6 +87,16 @@ def main(argv):
     validate(config)
   except ValueError as e:
     sys.exit(f"invalid config {config_flags.get_config_filename(flags.FLAGS['config'])}: {e}")
+  if _DIST.dry_run.value:  # the LM's plan from its config.json alone: no weights, no text
+    try:
+      refused = plan.dry_run_harvest(config, _DIST.dry_run_devices.value,
+                                     _DIST.device_memory_gib.value)
+    except ValueError as e:
+      sys.exit(f"invalid config: {e}")
+    sys.exit(f"dry run: {refused}" if refused else 0)
+  if distributed.initialize_from_flags(_DIST) and jax.process_count() > 1:
+    sys.exit("multi-process harvest is not supported yet: shards are written by one process; "
+             "run one harvest per host on disjoint text (config.skip_windows) instead")
   m = run(config)
   if m["token_count"] < config.num_tokens:
     print(f"warning: the text ran out after {m['token_count']:,} of {config.num_tokens:,} tokens",
