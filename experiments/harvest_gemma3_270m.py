@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.batch_size = 8                    # windows per LM call
   c.normalise_sample_tokens = 65536   # GATED_SAE.md section 4 estimate
   c.seed = 0
+  c.skip_windows = 0                  # start after this many windows (held-out splits)
 
   c.text = ml_collections.ConfigDict()
   c.text.source = "embedded"          # embedded (Python docs, offline) | files | hf

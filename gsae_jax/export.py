@@ -55,6 +55,7 @@ def fold_input_scale(params: Mapping[str, np.ndarray], scale: float) -> dict[str
 def save_npz(path: str, params: Mapping[str, np.ndarray], metadata: Mapping[str, Any]) -> None:
   """Writes `path` (.npz of the parameters, our names and layouts) and `path` with .json."""
   architecture_of(params)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   np.savez(path, **{k: np.asarray(v) for k, v in params.items()})
   with open(os.path.splitext(path)[0] + ".json", "w") as f:
     json.dump(dict(metadata), f, indent=2, default=str)

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, NamedSharding
 
 from gsae_jax import sharding
 

@@ -9,18 +9,14 @@ with the config, site, layer, model id and normalisation constant) and `<out>/sa
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
-import jax
-import ml_collections
 from absl import app, flags
 
-from gsae_jax import export, sharding
-from gsae_jax.checkpoint import CheckpointError, Checkpointer
-from gsae_jax.train import optim
-from gsae_jax.train.state import abstract_train_state
+from gsae_jax import export
+from gsae_jax.checkpoint import CheckpointError
+from gsae_jax.runs import exporting
 from launch.common import quiet_library_logs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (holds checkpoints/).")
@@ -30,23 +26,6 @@ _FORMATS = flags.DEFINE_list("formats", ["npz", "saelens"], "Any of npz, saelens
 flags.mark_flag_as_required("workdir")
 
 
-def load_params(workdir: str, step: int | None) -> tuple[int, dict, dict, dict]:
-  """(step, host params, config dict, source description) from a workdir's checkpoint."""
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=1_000_000)
-  steps = ckpt.steps()
-  if not steps:
-    raise CheckpointError(f"{ckpt.directory}: no checkpoints to export")
-  step = steps[-1] if step is None else step
-  config = ml_collections.ConfigDict(ckpt.restore_config(step))
-  with open(os.path.join(workdir, "source.json")) as f:
-    source = json.load(f)
-  mesh = sharding.make_mesh(1, 1)
-  tx = optim.make_optimizer(config.optim, config.train.steps)
-  abstract = abstract_train_state(config, source["d_in"], mesh, tx)[0]
-  _, state, _ = ckpt.restore(abstract, step)
-  return step, jax.device_get(state.params), config.to_dict(), source
-
-
 def main(argv):
   del argv
   quiet_library_logs()
@@ -54,7 +33,7 @@ def main(argv):
   if unknown:
     sys.exit(f"--formats: unknown {sorted(unknown)}; expected npz and/or saelens")
   try:
-    step, params, config, source = load_params(_WORKDIR.value, _STEP.value)
+    step, params, config, source = exporting.load_params(_WORKDIR.value, _STEP.value)
   except (CheckpointError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   out = _OUT.value or os.path.join(_WORKDIR.value, "export")

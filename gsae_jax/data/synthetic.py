@@ -12,7 +12,6 @@ import functools
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 
 from gsae_jax.sae.models import random_unit_rows
 

@@ -1,6 +1,5 @@
 """activations / loss_with_replacement semantics, bad input, and sharded parameters (tiny models)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
 """Toy ground truth (GATED_SAE.md): at matched L0, Gated is unbiased and recovers the features,
 the baseline shrinks. n=64, 256 true features, dictionary 512, the synthetic experiment config."""
 
-import numpy as np
 import pytest
 
 from experiments import synthetic

@@ -1,0 +1,40 @@
+"""Gated vs baseline lambda sweep on Gemma 3 270M layer-6 residual-stream shards (CPU-sized).
+
+    python -m launch.sweep --config=experiments/sweep_gemma3_270m.py --out=runs/sweep \\
+        --config.train.data.path=SHARDS --config.eval.shards_path=HELDOUT \\
+        --config.eval.text.skip_windows=WINDOWS_USED_BY_THE_HARVEST
+"""
+
+import ml_collections
+
+from experiments import harvest_gemma3_270m_cpu, shards
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  t = shards.get_config()
+  t.sae.d_sae = 2048                  # 3.2 x d_model: CPU-sized
+  t.sae.init_b_dec = "mean"           # Gemma's residual stream has a large mean component
+  t.optim.lr = 1e-3                   # short runs: higher than the paper's 3e-4
+  t.optim.warmup_steps = 50
+  t.optim.decay_fraction = 0.2
+  t.sae.l1_warmup_steps = 50
+  t.train.batch_size = 1024
+  t.train.steps = 600
+  t.train.log_every = 50
+  t.train.feature_window_tokens = 200_000
+  t.checkpoint.save_every = 200
+  c.train = t
+
+  c.grids = ml_collections.ConfigDict()
+  c.grids.gated = (0.5, 1.0, 2.0)     # lambdas on normalised activations (E||x||^2 = d_model)
+  c.grids.baseline = (1.0, 2.0, 4.0)
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.shards_path = ""             # held-out activations ('' = skip activation metrics)
+  c.eval.max_tokens = 65_536
+  c.eval.loss_recovered = True
+  c.eval.num_sequences = 16           # held-out text windows for loss recovered
+  c.eval.lm_batch_size = 4
+  c.eval.text = harvest_gemma3_270m_cpu.get_config()  # model + text + context + skip_windows
+  return c

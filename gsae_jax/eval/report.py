@@ -1,0 +1,87 @@
+"""Sweep reports: a markdown table, Pareto frontiers (L0 vs loss recovered, L0 vs FVU), gamma
+per run and feature-density histograms, as PNG files (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+COLUMNS = (("architecture", "arch", "{}"), ("l1_coefficient", "lambda", "{:.3g}"),
+           ("l0", "L0", "{:.1f}"), ("fvu", "FVU", "{:.4f}"),
+           ("relative_reconstruction_bias", "gamma", "{:.3f}"),
+           ("ce_loss_score", "loss recovered", "{:.4f}"), ("delta_lm_loss", "delta LM loss", "{:.4f}"),
+           ("dead_fraction", "dead", "{:.3f}"), ("dense_fraction", "dense", "{:.3f}"))
+COLOURS = {"gated": "tab:blue", "baseline": "tab:orange"}
+
+
+def markdown_table(runs: Sequence[dict]) -> str:
+  """One row per run; columns missing from a run are shown as '-'."""
+  head = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+  rule = "|" + "---|" * len(COLUMNS)
+  rows = ["| " + " | ".join(fmt.format(r[key]) if r.get(key) is not None else "-"
+                            for key, _, fmt in COLUMNS) + " |" for r in runs]
+  return "\n".join([head, rule, *rows])
+
+
+def _by_arch(runs):
+  archs = sorted({r["architecture"] for r in runs})
+  return {a: sorted((r for r in runs if r["architecture"] == a), key=lambda r: r["l0"]) for a in archs}
+
+
+def pareto_plot(runs: Sequence[dict], y: str, ylabel: str, path: str, log_x: bool = True) -> None:
+  """L0 (x) against metric `y`, one line per architecture."""
+  fig, ax = plt.subplots(figsize=(5, 4))
+  for arch, rs in _by_arch(runs).items():
+    pts = [(r["l0"], r[y]) for r in rs if r.get(y) is not None]
+    if pts:
+      xs, ys = zip(*pts)
+      ax.plot(xs, ys, "o-", label=arch, color=COLOURS.get(arch))
+  if log_x:
+    ax.set_xscale("log")
+  ax.set_xlabel("L0 (active features per token)")
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def density_histogram(log10_density: np.ndarray, path: str, title: str) -> None:
+  """Histogram of log10 feature firing frequency; dead features are counted in the title."""
+  finite = log10_density[np.isfinite(log10_density)]
+  dead = int(np.sum(~np.isfinite(log10_density)))
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.hist(finite, bins=50, color="tab:gray")
+  ax.set_xlabel("log10 feature density")
+  ax.set_ylabel("features")
+  ax.set_title(f"{title} ({dead} dead of {log10_density.size})")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write_sweep_report(runs: Sequence[dict], out_dir: str, title: str,
+                       preface: str = "") -> list[str]:
+  """report.md + pareto PNGs in `out_dir`; returns the written paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  paths = []
+  plots = [("ce_loss_score", "loss recovered", "pareto_l0_loss_recovered.png"),
+           ("fvu", "FVU", "pareto_l0_fvu.png"),
+           ("relative_reconstruction_bias", "gamma (relative reconstruction bias)", "gamma.png")]
+  for key, label, name in plots:
+    if any(r.get(key) is not None for r in runs):
+      pareto_plot(runs, key, label, os.path.join(out_dir, name))
+      paths.append(os.path.join(out_dir, name))
+  images = "\n".join(f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in paths)
+  report = f"# {title}\n\n{preface}\n\n## Runs\n\n{markdown_table(runs)}\n\n## Plots\n\n{images}\n"
+  path = os.path.join(out_dir, "report.md")
+  with open(path, "w") as f:
+    f.write(report)
+  return [path, *paths]

@@ -1,0 +1,75 @@
+r"""Evaluates trained SAEs: metrics on held-out activations and loss recovered in the LM.
+
+  python -m launch.evaluate --workdir=DIR --eval_shards=HELDOUT_SHARDS \
+      [--model=gemma3-270m --skip_windows=N --num_sequences=32 --context_length=128]
+
+Reads the latest checkpoint of DIR (a `launch.train` workdir; a lambda sweep evaluates every
+member) and writes `DIR/eval.json` and `DIR/density[_<member>].png`. Without --model only
+activation metrics are computed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import ml_collections
+from absl import app, flags
+
+from experiments import harvest_gemma3_270m
+from gsae_jax.checkpoint import CheckpointError
+from gsae_jax.eval import report
+from gsae_jax.runs import evaluation, exporting, harvesting
+from gsae_jax.train.state import sae_graph
+from launch.common import quiet_library_logs
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
+_EVAL_SHARDS = flags.DEFINE_string("eval_shards", None, "Held-out activation shard folder.")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 262_144, "Held-out activations to use.")
+_MODEL = flags.DEFINE_string("model", None, "LM for loss recovered (short id or folder).")
+_SKIP = flags.DEFINE_integer("skip_windows", 0, "Text windows to skip (those used in training).")
+_NUM_SEQ = flags.DEFINE_integer("num_sequences", 32, "Held-out sequences for loss recovered.")
+_CONTEXT = flags.DEFINE_integer("context_length", 128, "Tokens per held-out sequence.")
+_LM_BATCH = flags.DEFINE_integer("lm_batch_size", 8, "Sequences per LM call.")
+flags.mark_flag_as_required("workdir")
+
+def main(argv):
+  del argv
+  quiet_library_logs()
+  try:
+    step, params, config_dict, source = exporting.load_params(_WORKDIR.value, _STEP.value)
+    config = ml_collections.ConfigDict(config_dict)
+    grid = tuple(config.sweep.l1_coefficients) or None
+    graphdef = sae_graph(config, source["d_in"])[0]
+    runs = [{"name": f"{config.sae.architecture}_{i}", "architecture": config.sae.architecture,
+             "l1_coefficient": grid[i] if grid else config.sae.l1_coefficient, "step": step,
+             "graphdef": graphdef, "params": p}
+            for i, p in enumerate(evaluation.members(params, grid))]
+    lm = token_batches = None
+    if _MODEL.value:
+      text_config = harvest_gemma3_270m.get_config()
+      text_config.model, text_config.context_length = _MODEL.value, _CONTEXT.value
+      text_config.skip_windows = _SKIP.value
+      lm, tokenizer = harvesting.load_lm(text_config)
+      token_batches = evaluation.heldout_token_batches(text_config, tokenizer, lm.config.bos_token_id,
+                                            _NUM_SEQ.value, _LM_BATCH.value)
+    evaluation.evaluate_runs(runs, source["normalisation_scale"], _EVAL_SHARDS.value, _MAX_TOKENS.value, lm,
+                  token_batches, source.get("site"))
+  except (CheckpointError, ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+  for i, r in enumerate(runs):
+    if "log10_density" in r:
+      suffix = f"_{i}" if grid else ""
+      report.density_histogram(r["log10_density"], os.path.join(_WORKDIR.value, f"density{suffix}.png"),
+                               r["name"])
+  out = [evaluation.public(r) for r in runs]
+  with open(os.path.join(_WORKDIR.value, "eval.json"), "w") as f:
+    json.dump(out if grid else out[0], f, indent=2)
+  for r in out:
+    print(json.dumps(r), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

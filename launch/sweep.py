@@ -1,0 +1,40 @@
+r"""Lambda sweeps of Gated and baseline SAEs on the same shards, with Pareto frontiers.
+
+  python -m launch.sweep --config=experiments/sweep_gemma3_270m.py --out=DIR \
+      --config.train.data.path=SHARDS --config.eval.shards_path=HELDOUT_SHARDS
+
+Each architecture trains its whole lambda grid in one data pass (`config.sweep.l1_coefficients`,
+a `jax.vmap` over the grid inside one jitted step), in `DIR/<architecture>/`. Every member is then
+evaluated on held-out activations and, with `eval.loss_recovered`, in the LM. Writes
+`DIR/results.json`, `DIR/report.md` and the PNG plots.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from gsae_jax.checkpoint import CheckpointError
+from gsae_jax.runs import sweep
+from launch.common import quiet_library_logs
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config file.", lock_config=True)
+_OUT = flags.DEFINE_string("out", None, "Output folder.")
+flags.mark_flags_as_required(["config", "out"])
+
+
+def main(argv):
+  del argv
+  quiet_library_logs()
+  try:
+    sweep.run_sweep(_CONFIG.value, _OUT.value)
+  except sweep.Preempted as e:
+    print(f"{e}; re-run the same command to resume", flush=True)
+  except (CheckpointError, ValueError) as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)
