@@ -1,0 +1,71 @@
+"""Evaluating trained SAEs from workdirs: held-out activations, held-out text, loss recovered."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from gsae_jax import sharding
+from gsae_jax.data import shards
+from gsae_jax.data.pipeline import ShardIterator
+from gsae_jax.eval import evaluate
+from gsae_jax.runs import harvesting
+
+EVAL_BATCH = 4096
+
+
+def members(params: dict, grid: tuple | None) -> list[dict]:
+  """The SAE params of each sweep member (a single SAE is one member)."""
+  if grid is None:
+    return [params]
+  return [jax.tree.map(lambda a, i=i: a[i], params) for i in range(len(grid))]
+
+
+def heldout_activation_batches(path: str, scale: float, max_tokens: int):
+  """Batches of held-out activations in the SAE's training units (`scale` of its training run),
+  one pass, on the first device."""
+  shard_set = shards.open_shards(path)
+  batch = min(EVAL_BATCH, shard_set.num_tokens)
+  out = NamedSharding(sharding.make_mesh(1, 1), sharding.batch_spec())
+  it = ShardIterator(shard_set, batch, out, scale, seed=0, num_epochs=1)
+  return itertools.islice(it, max(1, min(max_tokens, shard_set.num_tokens) // batch))
+
+
+def heldout_token_batches(text_config, tokenizer, bos: int, num_sequences: int, batch: int):
+  """[batch, context] int32 arrays of held-out text windows."""
+  windows = list(itertools.islice(harvesting.text_windows(text_config, tokenizer, bos),
+                                  num_sequences))
+  if not windows:
+    raise ValueError(f"no held-out text windows after skipping {text_config.skip_windows}")
+  return [np.stack(windows[i:i + batch]) for i in range(0, len(windows), batch)]
+
+
+@functools.lru_cache(maxsize=None)
+def _splice(graphdef):
+  return evaluate.splice_fn(graphdef)  # one callable per graphdef: one compilation per arch
+
+
+def evaluate_runs(runs: list[dict], scale: float, eval_shards: str | None, max_tokens: int,
+                  lm=None, token_batches=None, site: str | None = None) -> list[dict]:
+  """Adds metrics to each run dict {name, graphdef, params, ...} (in place) and returns them.
+  The clean and zero-ablated LM losses are computed once for all runs."""
+  for r in runs:
+    if eval_shards:
+      metrics, r["log10_density"] = evaluate.activation_metrics(
+          r["graphdef"], r["params"], heldout_activation_batches(eval_shards, scale, max_tokens))
+      r.update(metrics)
+  if lm is not None:
+    replacements = {r["name"]: (_splice(r["graphdef"]), (r["params"], scale)) for r in runs}
+    losses = evaluate.lm_losses(lm, token_batches, site, replacements)
+    for r in runs:
+      r.update(evaluate.loss_recovered_metrics(losses, r["name"]))
+  return runs
+
+
+def public(run: dict) -> dict:
+  """The JSON-able part of a run dict."""
+  return {k: v for k, v in run.items() if k not in ("graphdef", "params", "log10_density")}
