@@ -3,6 +3,7 @@ tokenised and packed into fixed BOS-prefixed windows."""
 
 from __future__ import annotations
 
+import ast
 import glob
 import importlib
 import inspect
@@ -26,9 +27,38 @@ _DOC_MODULES = (
 )
 
 
+_SKIPPED_STDLIB_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip",
+                        "site-packages", "dist-packages", "__pycache__", "pydoc_data"}
+
+
+def stdlib_source_docstrings() -> Iterator[str]:
+  """Module, class, function and method docstrings parsed (never imported) from the standard
+  library's own .py files, in sorted path order: more English prose present on every machine
+  with this Python, read without side effects."""
+  root = os.path.dirname(os.__file__)
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if d not in _SKIPPED_STDLIB_DIRS)
+    for name in sorted(filenames):
+      module = os.path.relpath(os.path.join(dirpath, name), root)[:-3].replace(os.sep, ".")
+      module = module.removesuffix(".__init__")
+      if not name.endswith(".py") or module in _DOC_MODULES:  # those are already in the corpus
+        continue
+      try:
+        with open(os.path.join(dirpath, name), encoding="utf-8") as f:
+          tree = ast.parse(f.read())
+      except (SyntaxError, UnicodeDecodeError, OSError):
+        continue
+      for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+          doc = ast.get_docstring(node)
+          if doc and len(doc) > 40:
+            yield doc
+
+
 def embedded_corpus() -> Iterator[str]:
-  """The English prose of Python's own documentation: every `pydoc_data.topics` entry, then the
-  module, class and function docstrings of a fixed list of standard-library modules."""
+  """The English prose of Python's own documentation: every `pydoc_data.topics` entry, the
+  module, class and function docstrings of a fixed list of standard-library modules, then the
+  docstrings of the whole standard library's sources (`stdlib_source_docstrings`)."""
   from pydoc_data import topics
   for key in sorted(topics.topics):
     yield topics.topics[key]
@@ -42,6 +72,7 @@ def embedded_corpus() -> Iterator[str]:
               if not attr.startswith("_") and getattr(obj, "__module__", None) == module.__name__
               and (inspect.isclass(obj) or inspect.isfunction(obj)) and obj.__doc__]
     yield from docs
+  yield from stdlib_source_docstrings()
 
 
 def _files(patterns: Sequence[str]) -> list[str]:

@@ -22,6 +22,7 @@ def train_grids(c, out_dir: str) -> tuple[list[dict], object]:
     if not grid:
       continue
     tc = c.train.copy_and_resolve_references()
+    tc.update(c.get("overrides", {}).get(arch, {}))  # e.g. the baseline's own learning rate
     tc.sae.architecture = arch
     tc.sweep.l1_coefficients = tuple(grid)
     print(f"== training {arch} over lambda {tuple(grid)}", flush=True)

@@ -1,0 +1,83 @@
+"""The main job end to end through its CLI (the README command's code path) on a tiny LM and
+the embedded corpus: harvest, sweep, evaluation, matched pair, export, report; then
+launch/evaluate.py on one of its workdirs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gsae_jax import export
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device is enough
+
+
+def tiny_main_job_flags(model: str) -> list[str]:
+  return [f"--config.harvest.model={model}", "--config.harvest.layer=1",
+          "--config.harvest.context_length=32", "--config.harvest.windows_per_shard=16",
+          "--config.harvest.batch_size=8", "--config.train_tokens=3000",
+          "--config.heldout_tokens=1000", "--config.sweep.train.sae.d_sae=64",
+          "--config.sweep.train.data.d_in=32", "--config.sweep.train.train.batch_size=128",
+          "--config.sweep.train.train.log_every=10", "--config.sweep.eval.num_sequences=4"]
+
+
+@pytest.fixture(scope="module")
+def main_job(tiny_lm, tmp_path_factory):
+  out = tmp_path_factory.mktemp("main_job")
+  cmd = [sys.executable, "-m", "launch.main_job", "--config=experiments/gemma3_270m.py",
+         f"--out={out}", *tiny_main_job_flags(tiny_lm)]
+  proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return out, proc.stdout
+
+
+def test_main_job_writes_report_exports_and_plots(main_job):
+  out, stdout = main_job
+  for stage in ("load LM", "harvest", "train + evaluate", "export", "done in"):
+    assert f"== {stage}" in stdout
+  summary = json.loads((out / "summary.json").read_text())
+  g, b = summary["gated"], summary["baseline"]
+  assert g["architecture"] == "gated" and b["architecture"] == "baseline"
+  for run in (g, b):
+    for key in ("l0", "fvu", "relative_reconstruction_bias", "ce_loss_score", "delta_lm_loss",
+                "dead_fraction", "dense_fraction"):
+      assert np.isfinite(run[key]), key
+  results = json.loads((out / "sweep" / "results.json").read_text())
+  assert len(results) == 6
+  # the matched pair is the closest in L0 among all gated x baseline pairs
+  gaps = [abs(np.log(x["l0"] / y["l0"])) for x in results if x["architecture"] == "gated"
+          for y in results if y["architecture"] == "baseline"]
+  assert abs(np.log(g["l0"] / b["l0"])) == pytest.approx(min(gaps))
+  for name in ("report.md", "density_gated.png", "density_baseline.png",
+               "sweep/report.md", "sweep/pareto_l0_loss_recovered.png", "sweep/pareto_l0_fvu.png",
+               "sweep/gamma.png"):
+    assert (out / name).stat().st_size > 0, name
+  assert "Matched pair" in (out / "report.md").read_text()
+  params, meta = export.load_npz(str(out / "export" / "gated" / "sae.npz"))
+  assert params["W_dec"].shape == (64, 32) and meta["site"] == "blocks.1.resid_post"
+  cfg = json.loads((out / "export" / "baseline" / "saelens" / "cfg.json").read_text())
+  assert cfg["architecture"] == "standard"
+  assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
+
+
+def test_evaluate_cli_on_a_sweep_workdir(main_job, tiny_lm):
+  out, _ = main_job
+  train_windows = json.loads((out / "shards" / "train" / "manifest.json").read_text())["num_windows"]
+  cmd = [sys.executable, "-m", "launch.evaluate", f"--workdir={out / 'sweep' / 'gated'}",
+         f"--eval_shards={out / 'shards' / 'heldout'}", f"--model={tiny_lm}",
+         f"--skip_windows={train_windows}", "--num_sequences=4", "--context_length=32"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  evals = json.loads((out / "sweep" / "gated" / "eval.json").read_text())
+  assert [e["l1_coefficient"] for e in evals] == [0.5, 1.0, 2.0]
+  swept = {r["l1_coefficient"]: r for r in json.loads((out / "sweep" / "results.json").read_text())
+           if r["architecture"] == "gated"}
+  for e in evals:  # the same SAEs and held-out data give the same numbers as the sweep's
+    np.testing.assert_allclose(e["l0"], swept[e["l1_coefficient"]]["l0"], rtol=1e-5)
+    np.testing.assert_allclose(e["ce_loss_score"], swept[e["l1_coefficient"]]["ce_loss_score"],
+                               rtol=1e-4)
+  assert (out / "sweep" / "gated" / "density_0.png").exists()
