@@ -12,14 +12,11 @@ Stages (each resumable: re-running the same command skips finished work):
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 from ml_collections import config_flags
 
-from gsae_jax.checkpoint import CheckpointError
-from gsae_jax.runs import main_job, sweep
-from launch.common import quiet_library_logs
+from gsae_jax.runs import main_job
+from launch.common import run_guarded
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Main job config.", lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "Output folder.")
@@ -28,13 +25,7 @@ flags.mark_flags_as_required(["config", "out"])
 
 def main(argv):
   del argv
-  quiet_library_logs()
-  try:
-    main_job.run_main(_CONFIG.value, _OUT.value)
-  except sweep.Preempted as e:
-    print(f"{e}; re-run the same command to resume", flush=True)
-  except (CheckpointError, ValueError) as e:
-    sys.exit(f"error: {e}")
+  run_guarded(main_job.run_main, _CONFIG.value, _OUT.value)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,11 @@ evaluated on held-out activations and, with `eval.loss_recovered`, in the LM. Wr
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 from ml_collections import config_flags
 
-from gsae_jax.checkpoint import CheckpointError
 from gsae_jax.runs import sweep
-from launch.common import quiet_library_logs
+from launch.common import run_guarded
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config file.", lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "Output folder.")
@@ -27,13 +24,7 @@ flags.mark_flags_as_required(["config", "out"])
 
 def main(argv):
   del argv
-  quiet_library_logs()
-  try:
-    sweep.run_sweep(_CONFIG.value, _OUT.value)
-  except sweep.Preempted as e:
-    print(f"{e}; re-run the same command to resume", flush=True)
-  except (CheckpointError, ValueError) as e:
-    sys.exit(f"error: {e}")
+  run_guarded(sweep.run_sweep, _CONFIG.value, _OUT.value)
 
 
 if __name__ == "__main__":
