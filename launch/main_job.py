@@ -2,7 +2,8 @@ r"""The main job: LM activations -> Gated and baseline SAEs -> evaluation -> exp
 
   python -m launch.main_job --config=experiments/gemma3_270m.py --out=runs/gemma3-270m
 
-Stages (each resumable: re-running the same command skips finished work):
+Stages (re-running the same command resumes: finished harvests and training are skipped,
+evaluation, export and report are recomputed):
   1. harvest `train_tokens` activations, then `heldout_tokens` from the text windows after them;
   2. train the Gated and baseline lambda grids (launch.sweep), one data pass per architecture;
   3. evaluate every SAE on the held-out activations and by loss recovered on held-out text;
