@@ -20,6 +20,7 @@ import numpy as np
 import tqdm
 
 from gsae_jax.data import shards
+from gsae_jax.data.normalise import scale_for_mean_sq
 
 ActivationFn = Callable[[np.ndarray], np.ndarray]
 # May change between runs without changing the output (a moved folder, a smaller LM batch).
@@ -116,7 +117,7 @@ def _normalisation(folder: str, manifest: dict, spec: HarvestSpec) -> dict:
   if not mean_sq > 0:
     raise ValueError(f"{folder}: mean squared activation norm is {mean_sq}; cannot normalise")
   return {"mean_sq_norm": mean_sq, "target": "d_model",
-          "scale": float(np.sqrt(spec.d_model / mean_sq)), "sample_tokens": int(n),
+          "scale": scale_for_mean_sq(mean_sq, float(spec.d_model)), "sample_tokens": int(n),
           "sample_seed": spec.seed}
 
 

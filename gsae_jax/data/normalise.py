@@ -11,6 +11,13 @@ def normalisation_scale(sample: jax.Array, target_sq_norm: float | None) -> floa
   if target_sq_norm is None:
     return 1.0
   mean_sq = float(jnp.mean(jnp.sum(jnp.square(sample.astype(jnp.float32)), axis=-1)))
+  return scale_for_mean_sq(mean_sq, target_sq_norm)
+
+
+def scale_for_mean_sq(mean_sq: float, target_sq_norm: float | None) -> float:
+  """sqrt(target / E||x||^2), the one normalisation formula; 1.0 when target is None."""
+  if target_sq_norm is None:
+    return 1.0
   if not mean_sq > 0:
     raise ValueError(f"cannot normalise activations: mean squared norm is {mean_sq}")
   return (target_sq_norm / mean_sq) ** 0.5

@@ -14,7 +14,11 @@ from jax.sharding import Mesh, NamedSharding
 
 from gsae_jax import sharding
 from gsae_jax.data import shards
-from gsae_jax.data.normalise import normalisation_scale, resolve_target
+from gsae_jax.data.normalise import (
+  normalisation_scale,
+  resolve_target,
+  scale_for_mean_sq,
+)
 from gsae_jax.data.pipeline import ShardIterator
 from gsae_jax.data.synthetic import SyntheticFeatures, synthetic_batches
 
@@ -86,7 +90,7 @@ def _shards(config, out: NamedSharding) -> BatchSource:
     raise ValueError(f"shard folder {data.path}: d_model {shard_set.d_model} in "
                      f"{shards.MANIFEST}, but config.data.d_in={data.d_in}")
   target = resolve_target(data.normalise_target, shard_set.d_model)
-  scale = 1.0 if target is None else (target / shard_set.mean_sq_norm()) ** 0.5
+  scale = scale_for_mean_sq(shard_set.mean_sq_norm(), target)
   batches = ShardIterator(shard_set, config.train.batch_size, out, scale, seed=data.seed,
                           num_epochs=data.num_epochs, num_threads=data.num_threads,
                           prefetch=data.prefetch)
