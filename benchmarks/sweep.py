@@ -21,7 +21,9 @@ from absl import app, flags  # noqa: E402
 from experiments import base  # noqa: E402
 from gsae_jax import sharding  # noqa: E402
 from gsae_jax.train import optim  # noqa: E402
-from gsae_jax.train.state import create_train_state, sae_graph  # noqa: E402
+from gsae_jax.sae import registry  # noqa: E402
+from gsae_jax.sae.spec import describe  # noqa: E402
+from gsae_jax.train.state import create_train_state  # noqa: E402
 from gsae_jax.train.step import compile_steps  # noqa: E402
 
 _D_IN = flags.DEFINE_integer("d_in", 640, "Activation size n.")
@@ -29,17 +31,18 @@ _D_SAE = flags.DEFINE_integer("d_sae", 2048, "Dictionary size M.")
 _BATCH = flags.DEFINE_integer("batch", 1024, "Tokens per step.")
 _MEMBERS = flags.DEFINE_integer("members", 3, "Lambdas in the grid.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per variant (the best one counts).")
-_ARCH = flags.DEFINE_enum("architecture", "gated", ["gated", "baseline"], "SAE architecture.")
+_ARCH = flags.DEFINE_enum("architecture", "gated", registry.names(), "SAE architecture.")
 
 
 def _stepper(grid):
   c = base.get_config()
   c.sae.architecture, c.sae.d_sae, c.train.batch_size = _ARCH.value, _D_SAE.value, _BATCH.value
-  c.sweep.l1_coefficients = grid
+  c.sweep.grid = grid  # over the architecture's first coefficient
   mesh = sharding.make_mesh(1, 1)
   tx = optim.make_optimizer(c.optim, c.train.steps)
-  state, shardings, graphdef = create_train_state(c, _D_IN.value, mesh, tx)
-  step, _ = compile_steps(c, mesh, shardings, graphdef, tx, sae_graph(c, _D_IN.value)[2])
+  spec, rules = describe(c, _D_IN.value), tuple(map(tuple, c.mesh.rules))
+  state, shardings = create_train_state(spec, mesh, rules, tx)
+  step, _ = compile_steps(spec, mesh, shardings, rules, tx, c.train.feature_window_tokens)
   return [state, step]
 
 

@@ -2,9 +2,9 @@ r"""Train-step throughput versus the machine's measured dense fp32 matmul peak.
 
   python benchmarks/train_step.py --d_in=640 --d_sae=10240 --batch=4096
 
-FLOPs per token: 14 n M for Gated (forward: encoder, decoder, aux decoder, 2nM each; backward:
-encoder dW, decoder dW and df, aux decoder df, 2nM each; no input gradient thanks to
-`centered_matmul`), 10 n M for the baseline (forward 4nM, backward 6nM).
+FLOPs per token: each architecture declares its dense count (`FLOPS_PER_TOKEN_PER_NM` x n M;
+14 n M for Gated: forward encoder, decoder, aux decoder, backward encoder dW, decoder dW and df,
+aux decoder df, 2nM each; 10 n M for the baseline).
 The peak is the best square fp32 matmul jitted on the same device; peak matmuls and train steps
 are timed in interleaved rounds and the best of each counts (see main).
 """
@@ -24,18 +24,18 @@ from absl import app, flags  # noqa: E402
 from experiments import base  # noqa: E402
 from gsae_jax import sharding  # noqa: E402
 from gsae_jax.train import optim  # noqa: E402
-from gsae_jax.train.state import create_train_state, sae_graph  # noqa: E402
+from gsae_jax.sae import registry  # noqa: E402
+from gsae_jax.sae.spec import describe  # noqa: E402
+from gsae_jax.train.state import create_train_state  # noqa: E402
 from gsae_jax.train.step import compile_steps  # noqa: E402
 
 _D_IN = flags.DEFINE_integer("d_in", 640, "Activation size n.")
 _D_SAE = flags.DEFINE_integer("d_sae", 10240, "Dictionary size M.")
 _BATCH = flags.DEFINE_integer("batch", 4096, "Tokens per step.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per round (the best one counts).")
-_ARCH = flags.DEFINE_enum("architecture", "gated", ["gated", "baseline"], "SAE architecture.")
+_ARCH = flags.DEFINE_enum("architecture", "gated", registry.names(), "SAE architecture.")
 _PEAK_SIZE = flags.DEFINE_integer("peak_size", 4096, "Square matmul size for the peak.")
 _ROUNDS = flags.DEFINE_integer("rounds", 4, "Interleaved rounds of (peak matmuls, train steps).")
-
-FLOPS_PER_TOKEN_PER_NM = {"gated": 14, "baseline": 10}
 
 
 def _best_seconds(fn, *args, repeats: int) -> float:
@@ -62,9 +62,9 @@ def train_step_timer(architecture: str, d_in: int, d_sae: int, batch: int):
   c.sae.architecture, c.sae.d_sae, c.train.batch_size, c.train.steps = architecture, d_sae, batch, 1000
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.model)
   tx = optim.make_optimizer(c.optim, c.train.steps)
-  state, shardings, graphdef = create_train_state(c, d_in, mesh, tx)
-  _, _, axes = sae_graph(c, d_in)
-  step, _ = compile_steps(c, mesh, shardings, graphdef, tx, axes)
+  spec, rules = describe(c, d_in), tuple(map(tuple, c.mesh.rules))
+  state, shardings = create_train_state(spec, mesh, rules, tx)
+  step, _ = compile_steps(spec, mesh, shardings, rules, tx, c.train.feature_window_tokens)
   x = jax.device_put(jax.random.normal(jax.random.key(2), (batch, d_in)),
                      jax.sharding.NamedSharding(mesh, sharding.batch_spec()))
   holder = [state]
@@ -93,7 +93,7 @@ def main(argv):
     best_step = min(best_step, *(step_once() for _ in range(_STEPS.value)))
     print(f"round {r + 1}: peak so far {peak:.1f} GFLOP/s, best step {best_step:.3f} s", flush=True)
   tps = batch / best_step
-  gflops = FLOPS_PER_TOKEN_PER_NM[_ARCH.value] * n * m * tps / 1e9
+  gflops = registry.get(_ARCH.value).FLOPS_PER_TOKEN_PER_NM * n * m * tps / 1e9
   print(f"{_ARCH.value} n={n} M={m} batch={batch}: {tps:.0f} tokens/s, {gflops:.1f} GFLOP/s, "
         f"{100 * gflops / peak:.1f}% of peak ({peak:.1f} GFLOP/s)")
 

@@ -2,28 +2,29 @@
 
 import ml_collections
 
+from gsae_jax.sae import registry
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
   c.sae = ml_collections.ConfigDict()
-  c.sae.architecture = "gated"        # 'gated' | 'baseline'
+  c.sae.architecture = "gated"        # a name in gsae_jax.sae.registry (gated, baseline, ...)
   c.sae.d_sae = 4096                  # dictionary size M
-  c.sae.l1_coefficient = 1.0          # lambda (on normalised activations, E||x||^2 = d_in)
-  c.sae.l1_warmup_steps = 0           # linear lambda warm-up from 0
-  c.sae.gate_backward = "zero"        # 'zero' (paper) | 'straight_through' | 'rectangle'
-  c.sae.gate_eps = 1.0                # rectangle bandwidth
-  c.sae.gate_clip = False             # straight_through: clip to |z| <= 1
-  c.sae.tie_r_mag = True              # ablation: False gives a separate W_mag
-  c.sae.frozen_aux_decoder = True     # ablation: False lets L_aux train W_dec, b_dec
   c.sae.init_b_dec = "zeros"          # 'zeros' | 'mean' (mean of the first batches)
   c.sae.init_b_dec_batches = 4
   c.sae.param_dtype = "float32"
+  # One block per architecture with its own fields and defaults (config.sae.gated.l1_coefficient,
+  # config.sae.topk.k, ...); only the chosen architecture's block is used.
+  for name, block in registry.default_blocks().items():
+    c.sae[name] = block
 
   c.sweep = ml_collections.ConfigDict()
-  c.sweep.l1_coefficients = ()        # non-empty: train one SAE per lambda in one data pass
-                                      # (jax.vmap over the grid); sae.l1_coefficient is unused
+  c.sweep.coefficient = ""            # a named coefficient of the architecture ('l1', 'k', ...);
+                                      # '' = its first one
+  c.sweep.grid = ()                   # non-empty: train one SAE per value in one data pass
+                                      # (jax.vmap over the grid); the block's value is unused
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 3e-4                   # the paper's LR for every Gated SAE

@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.optim.lr = 3e-4
   t.optim.warmup_steps = 1000
   t.optim.decay_fraction = 0.0
-  t.sae.l1_warmup_steps = 0
+  t.sae.gated.l1_warmup_steps = t.sae.baseline.l1_warmup_steps = 0
   t.train.batch_size = 4096
   t.train.log_every = 100
   t.train.feature_window_tokens = 10_000_000

@@ -20,7 +20,6 @@ def get_config():
   c.data.verify_checksums = True      # sha256 + NaN/Inf scan of every shard before training
 
   c.sae.d_sae = 10240                 # 16 x d_in
-  c.sae.l1_coefficient = 1.0
   c.optim.warmup_steps = 1000
   c.train.steps = 20_000
   c.train.batch_size = 4096

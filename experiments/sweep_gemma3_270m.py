@@ -18,7 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
   t.optim.lr = 1e-3                   # short runs: higher than the paper's 3e-4
   t.optim.warmup_steps = 50
   t.optim.decay_fraction = 0.2
-  t.sae.l1_warmup_steps = 50
+  for block in (t.sae.gated, t.sae.baseline):
+    block.l1_warmup_steps = 50
   t.train.batch_size = 1024
   t.train.steps = 600
   t.train.log_every = 50
@@ -26,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.checkpoint.save_every = 200
   c.train = t
 
+  # architecture -> values of its first named coefficient (lambda for Gated and baseline)
   c.grids = ml_collections.ConfigDict()
   c.grids.gated = (0.5, 1.0, 2.0)     # lambdas on normalised activations (E||x||^2 = d_model)
   c.grids.baseline = (1.0, 2.0, 4.0)

@@ -17,7 +17,8 @@ def get_config():
   c.data.seed = 1234                  # ground-truth dictionary and batch stream
 
   c.sae.d_sae = 512
-  c.sae.l1_coefficient = 0.1
+  c.sae.gated.l1_coefficient = 0.1
+  c.sae.baseline.l1_coefficient = 0.1
   c.optim.lr = 3e-3
   c.optim.warmup_steps = 100
   c.optim.decay_fraction = 0.2

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from gsae_jax.sae.gate import GATE_BACKWARD_MODES
-from gsae_jax.sae.models import ARCHITECTURES
+import copy
+import math
+
+from gsae_jax.sae import registry
 
 DATA_SOURCES = ("synthetic", "shards")
 
@@ -16,17 +18,14 @@ def _check(ok: bool, field: str, expected: str, found) -> None:
 def validate(config, mesh_shape: dict[str, int]) -> None:
   """Raises ValueError naming the first invalid field. `mesh_shape` is e.g. {'data': 2, 'model': 4}."""
   sae, optim, train = config.sae, config.optim, config.train
-  _check(sae.architecture in ARCHITECTURES, "sae.architecture", f"one of {ARCHITECTURES}",
+  _check(sae.architecture in registry.names(), "sae.architecture", f"one of {registry.names()}",
          sae.architecture)
-  _check(sae.gate_backward in GATE_BACKWARD_MODES, "sae.gate_backward",
-         f"one of {GATE_BACKWARD_MODES}", sae.gate_backward)
+  arch = registry.get(sae.architecture)
+  arch.validate_config(sae[arch.NAME], lambda ok, field, expected, found: _check(
+      ok, f"sae.{arch.NAME}.{field}", expected, found))
   _check(sae.init_b_dec in ("zeros", "mean"), "sae.init_b_dec", "'zeros' or 'mean'",
          sae.init_b_dec)
-  _check(sae.gate_eps > 0, "sae.gate_eps", "> 0", sae.gate_eps)
-  _check(sae.l1_coefficient >= 0, "sae.l1_coefficient", ">= 0", sae.l1_coefficient)
-  grid = tuple(config.sweep.l1_coefficients)
-  _check(all(g >= 0 for g in grid), "sweep.l1_coefficients", "values >= 0", grid)
-  _check(sae.l1_warmup_steps >= 0, "sae.l1_warmup_steps", ">= 0", sae.l1_warmup_steps)
+  _validate_sweep(config.sweep, arch)
   _check(sae.d_sae > 0, "sae.d_sae", "> 0", sae.d_sae)
   _check(sae.d_sae % mesh_shape["model"] == 0, "sae.d_sae",
          f"a multiple of the mesh 'model' axis size {mesh_shape['model']}", sae.d_sae)
@@ -48,6 +47,52 @@ def validate(config, mesh_shape: dict[str, int]) -> None:
          config.data.source)
   if config.data.source == "shards":
     _validate_shards(config.data)
+
+
+def _validate_sweep(sweep, arch) -> None:
+  """The swept coefficient exists and every value is valid for it."""
+  values = tuple(sweep.grid)
+  if not values:
+    return
+  names = [c.name for c in arch.COEFFICIENTS]
+  name = sweep.coefficient or names[0]
+  _check(name in names, "sweep.coefficient", f"a coefficient of {arch.NAME}: one of {names}", name)
+  coef = arch.coefficient(name)
+  if coef.integer:
+    ok = all(float(v) == int(v) and v >= 1 for v in values)
+    _check(ok, "sweep.grid", f"integers >= 1 (values of {name})", values)
+  else:
+    ok = all(math.isfinite(v) and v >= 0 for v in values)
+    _check(ok, "sweep.grid", f"finite numbers >= 0 (values of {name})", values)
+
+
+# Fields of the single-block layout (before per-architecture blocks) and where they went.
+_LEGACY_SAE_FIELDS = ("l1_coefficient", "l1_warmup_steps", "gate_backward", "gate_eps",
+                      "gate_clip", "tie_r_mag", "frozen_aux_decoder")
+
+
+def upgrade_legacy(config: dict) -> dict:
+  """A config dict saved by an earlier gsae_jax (one flat `sae` block, `sweep.l1_coefficients`)
+  in today's layout: architecture fields move to `sae.<architecture>`, the lambda grid becomes
+  `sweep.grid` over 'l1'. Today's configs are returned unchanged."""
+  sae = config.get("sae", {})
+  if not any(k in sae for k in _LEGACY_SAE_FIELDS) and "l1_coefficients" not in config.get(
+      "sweep", {}):
+    return config
+  config = copy.deepcopy(config)
+  sae = config["sae"]
+  arch = sae.get("architecture", "gated")
+  block = registry.get(arch).default_config().to_dict()
+  for k in _LEGACY_SAE_FIELDS:
+    if k in sae:
+      value = sae.pop(k)
+      if k in block:
+        block[k] = value
+  sae[arch] = block
+  sweep = config.setdefault("sweep", {})
+  grid = tuple(sweep.pop("l1_coefficients", ()) or ())
+  sweep.update({"coefficient": "l1" if grid else "", "grid": grid})
+  return config
 
 
 def _validate_shards(data) -> None:

@@ -1,9 +1,13 @@
 """Export a trained SAE to `.npz` + JSON or to a SAELens folder, and load either back.
 
 Only safe formats: `.npz` of plain arrays (loaded with allow_pickle=False), safetensors, JSON.
+The architecture is written into every export (`sae.json`: `architecture`, `architecture_config`;
+SAELens `cfg.json`: `architecture` plus `metadata.gsae_jax_architecture`) and read back from
+there; only exports written before it was recorded fall back to the parameter names.
 Our SAEs act on normalised activations c * x_raw (GATED_SAE.md section 4); the SAELens export
 folds c in so that it acts on raw activations: for x_norm = c x_raw,
     (c x - b_dec) W + b = (x - b_dec / c)(c W) + b    and    x_hat_raw = f (W_dec / c) + b_dec / c.
+Pre-activations are unchanged, so thresholds (JumpReLU, BatchTopK) need no folding.
 """
 
 from __future__ import annotations
@@ -15,60 +19,86 @@ from typing import Any, Mapping
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-PARAM_NAMES = {
-    "gated": ("W_gate", "r_mag", "b_gate", "b_mag", "W_dec", "b_dec"),
-    "gated_untied": ("W_gate", "W_mag", "b_gate", "b_mag", "W_dec", "b_dec"),
-    "baseline": ("W_enc", "b_enc", "W_dec", "b_dec"),
-}
-ENCODER_WEIGHTS = ("W_gate", "W_mag", "W_enc")
-SAELENS_ARCHITECTURE = {"gated": "gated", "baseline": "standard"}
+from gsae_jax import configs
+from gsae_jax.sae import registry
+from gsae_jax.sae.spec import SAESpec, from_metadata
+
 SAELENS_HOOKS = {"resid_pre": "hook_resid_pre", "resid_post": "hook_resid_post",
                  "mlp_out": "hook_mlp_out", "attn_out": "hook_attn_out", "attn_z": "attn.hook_z"}
+# Parameter names of the two architectures exports had before the architecture was recorded.
+_LEGACY_NAMES = {
+    ("W_gate", "r_mag", "b_gate", "b_mag", "W_dec", "b_dec"): ("gated", {"tie_r_mag": True}),
+    ("W_gate", "W_mag", "b_gate", "b_mag", "W_dec", "b_dec"): ("gated", {"tie_r_mag": False}),
+    ("W_enc", "b_enc", "W_dec", "b_dec"): ("baseline", {}),
+}
 
 
-def architecture_of(params: Mapping[str, Any]) -> str:
-  """'gated', 'gated_untied' or 'baseline', from the parameter names."""
-  for arch, names in PARAM_NAMES.items():
-    if set(params) == set(names):
-      return arch
-  raise ValueError(f"parameters {sorted(params)} match no architecture; expected one of "
-                   f"{ {a: list(n) for a, n in PARAM_NAMES.items()} }")
-
-
-def fold_input_scale(params: Mapping[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
+def fold_input_scale(params: Mapping[str, np.ndarray], scale: float,
+                     logical_axes: Mapping[str, tuple]) -> dict[str, np.ndarray]:
   """Params of the SAE acting on x when `params` act on scale * x (and reconstruct scale * x).
 
-  `fold_input_scale(p, 1 / scale)` undoes it.
+  Encoder weights (logical axes ('d_in', 'features')) are multiplied by `scale`; the decoder and
+  b_dec (the other parameters with a 'd_in' axis) divided. `fold_input_scale(p, 1 / scale)`
+  undoes it.
   """
   out = {}
   for name, value in params.items():
-    value = np.asarray(value)
-    if name in ENCODER_WEIGHTS:
+    value, axes = np.asarray(value), tuple(logical_axes[name])
+    if axes == ("d_in", "features"):
       out[name] = value * scale
-    elif name in ("W_dec", "b_dec"):
+    elif "d_in" in axes:
       out[name] = value / scale
     else:
       out[name] = value
   return out
 
 
-def save_npz(path: str, params: Mapping[str, np.ndarray], metadata: Mapping[str, Any]) -> None:
-  """Writes `path` (.npz of the parameters, our names and layouts) and `path` with .json."""
-  architecture_of(params)
+def check_params(params: Mapping[str, Any], spec: SAESpec, where: str) -> None:
+  """ValueError naming `where` unless params have exactly the spec's names and shapes."""
+  expected = {k: tuple(v.shape) for k, v in spec.abstract_params.items()}
+  found = {k: tuple(np.shape(v)) for k, v in params.items()}
+  if expected != found:
+    raise ValueError(f"{where}: parameters {found} do not match a {spec.name} SAE "
+                     f"(d_in={spec.d_in}, d_sae={spec.d_sae}): expected {expected}")
+
+
+def save_npz(path: str, params: Mapping[str, np.ndarray], spec: SAESpec,
+             metadata: Mapping[str, Any]) -> None:
+  """Writes `path` (.npz of the parameters, our names and layouts) and `path` with .json: the
+  spec's metadata (architecture, sizes, architecture config) plus `metadata`."""
+  check_params(params, spec, path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   np.savez(path, **{k: np.asarray(v) for k, v in params.items()})
   with open(os.path.splitext(path)[0] + ".json", "w") as f:
-    json.dump(dict(metadata), f, indent=2, default=str)
+    json.dump({**dict(metadata), **spec.metadata()}, f, indent=2, default=str)
 
 
-def load_npz(path: str) -> tuple[dict[str, np.ndarray], dict]:
-  """(params, metadata) from `save_npz` output; metadata is {} without a sidecar."""
+def load_npz(path: str) -> tuple[dict[str, np.ndarray], dict, SAESpec]:
+  """(params, metadata, spec) from `save_npz` output (or an export of an earlier version)."""
   with np.load(path, allow_pickle=False) as data:
     params = {k: data[k] for k in data.files}
-  architecture_of(params)
   sidecar = os.path.splitext(path)[0] + ".json"
   metadata = json.load(open(sidecar)) if os.path.exists(sidecar) else {}
-  return params, metadata
+  if "architecture_config" not in metadata:
+    metadata = {**metadata, **_legacy_metadata(params, metadata, path)}
+  spec = from_metadata(metadata)
+  check_params(params, spec, path)
+  return params, metadata, spec
+
+
+def _legacy_metadata(params: Mapping[str, np.ndarray], metadata: Mapping, path: str) -> dict:
+  """Architecture fields for an export written before they were recorded: from the parameter
+  names (only Gated and the baseline existed then) and the saved training config."""
+  key = next((names for names in _LEGACY_NAMES if set(names) == set(params)), None)
+  if key is None:
+    raise ValueError(f"{path}: no 'architecture' in its .json sidecar and parameters "
+                     f"{sorted(params)} are not of an earlier gsae_jax export")
+  arch, block = _LEGACY_NAMES[key]
+  config = configs.upgrade_legacy(metadata.get("config") or {"sae": {"architecture": arch}})
+  block = {**config["sae"].get(arch, {}), **block}
+  d_sae, d_in = params["W_dec"].shape
+  return {"architecture": arch, "d_in": int(d_in), "d_sae": int(d_sae),
+          "architecture_config": block}
 
 
 def saelens_hook_name(site: str | None) -> str | None:
@@ -81,32 +111,28 @@ def saelens_hook_name(site: str | None) -> str | None:
   return f"{prefix}.{SAELENS_HOOKS[kind]}"
 
 
-def save_saelens(folder: str, params: Mapping[str, np.ndarray], *, scale: float,
+def save_saelens(folder: str, params: Mapping[str, np.ndarray], spec: SAESpec, *, scale: float,
                  metadata: Mapping[str, Any]) -> None:
   """Writes `sae_weights.safetensors` + `cfg.json` that `sae_lens.SAE.load_from_disk` reads.
 
   `scale` is the normalisation constant the params were trained under; it is folded in.
   `metadata` may hold model_name, hook_name, context_size, prepend_bos and anything else.
   """
-  arch = architecture_of(params)
-  if arch == "gated_untied":
-    raise ValueError("SAELens has no Gated SAE with an untied W_mag (sae.tie_r_mag=False); "
-                     "export it as .npz instead")
-  raw = fold_input_scale(params, scale)
-  if arch == "gated":
-    tensors = {"W_enc": raw["W_gate"], "W_dec": raw["W_dec"], "b_dec": raw["b_dec"],
-               "b_gate": raw["b_gate"], "b_mag": raw["b_mag"], "r_mag": raw["r_mag"]}
-  else:
-    tensors = {"W_enc": raw["W_enc"], "b_enc": raw["b_enc"], "W_dec": raw["W_dec"],
-               "b_dec": raw["b_dec"]}
+  cls = spec.architecture
+  if cls.SAELENS_ARCHITECTURE is None:
+    raise ValueError(f"SAELens has no {spec.name} SAE; export it as .npz instead")
+  check_params(params, spec, folder)
+  tensors, extra_cfg = cls.to_saelens(fold_input_scale(params, scale, spec.logical_axes),
+                                      spec.block)
   tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
-  d_sae, d_in = tensors["W_dec"].shape
   cfg = {
-      "architecture": SAELENS_ARCHITECTURE[arch.split("_")[0]],
-      "d_in": int(d_in), "d_sae": int(d_sae), "dtype": "float32", "device": "cpu",
+      "architecture": cls.SAELENS_ARCHITECTURE,
+      "d_in": spec.d_in, "d_sae": spec.d_sae, "dtype": "float32", "device": "cpu",
       "apply_b_dec_to_input": True, "normalize_activations": "none",
-      "reshape_activations": "none",
-      "metadata": {"prepend_bos": True, **dict(metadata), "gsae_jax_folded_scale": float(scale)},
+      "reshape_activations": "none", **extra_cfg,
+      "metadata": {"prepend_bos": True, **dict(metadata), "gsae_jax_folded_scale": float(scale),
+                   "gsae_jax_architecture": spec.name,
+                   "gsae_jax_architecture_config": spec.block.to_dict()},
   }
   os.makedirs(folder, exist_ok=True)
   save_file(tensors, os.path.join(folder, "sae_weights.safetensors"))
@@ -114,24 +140,30 @@ def save_saelens(folder: str, params: Mapping[str, np.ndarray], *, scale: float,
     json.dump(cfg, f, indent=2, default=str)
 
 
-def load_saelens(folder: str, scale: float = 1.0) -> tuple[dict[str, np.ndarray], dict]:
-  """(params in our names, cfg) from a SAELens Gated or standard folder.
+def load_saelens(folder: str, scale: float = 1.0) -> tuple[dict[str, np.ndarray], dict, SAESpec]:
+  """(params in our names, cfg, spec) from a SAELens folder of any architecture we have.
 
   The result acts on scale * x_raw (pass the normalisation constant to fine-tune or evaluate on
-  normalised activations; 1.0 keeps it on raw activations).
+  normalised activations; 1.0 keeps it on raw activations). Folders we wrote come back as the
+  architecture they were trained as (e.g. BatchTopK, which SAELens stores as JumpReLU).
   """
   with open(os.path.join(folder, "cfg.json")) as f:
     cfg = json.load(f)
   tensors = load_file(os.path.join(folder, "sae_weights.safetensors"))
-  arch = cfg.get("architecture")
-  if arch == "gated":
-    params = {"W_gate": tensors["W_enc"], "r_mag": tensors["r_mag"], "b_gate": tensors["b_gate"],
-              "b_mag": tensors["b_mag"], "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]}
-  elif arch == "standard":
-    params = {k: tensors[k] for k in PARAM_NAMES["baseline"]}
+  meta = cfg.get("metadata") or {}
+  if meta.get("gsae_jax_architecture"):
+    cls = registry.get(meta["gsae_jax_architecture"])
   else:
-    raise ValueError(f"{folder}/cfg.json: architecture {arch!r} is not supported; "
-                     "expected 'gated' or 'standard'")
+    cls = registry.by_saelens_name(cfg.get("architecture"))
   if not cfg.get("apply_b_dec_to_input", True):
     raise ValueError(f"{folder}/cfg.json: apply_b_dec_to_input=false is not supported")
-  return fold_input_scale(params, 1.0 / scale), cfg
+  if cfg.get("normalize_activations", "none") not in ("none", None):
+    raise ValueError(f"{folder}/cfg.json: normalize_activations="
+                     f"{cfg['normalize_activations']!r} is not supported; expected 'none'")
+  params, block = cls.from_saelens(tensors, cfg)
+  block = {**(meta.get("gsae_jax_architecture_config") or {}), **block}
+  d_sae, d_in = np.shape(params["W_dec"])
+  spec = from_metadata({"architecture": cls.NAME, "d_in": int(d_in), "d_sae": int(d_sae),
+                        "architecture_config": block})
+  check_params(params, spec, folder)
+  return fold_input_scale(params, 1.0 / scale, spec.logical_axes), cfg, spec

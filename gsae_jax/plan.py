@@ -18,11 +18,10 @@ from jax.sharding import AbstractMesh, NamedSharding
 
 from gsae_jax import sharding
 
-# [batch, d_sae] buffers live at the peak of one SAE train step (forward + backward), fitted to
-# XLA's memory_analysis (CPU, meshes (2,4), (4,2), (1,8)): temp bytes ~ k x [batch, d_sae] shard
-# + the gradients; k ~ 3.8 for gated (two decoder products, gate and magnitude paths), ~ 2.8 for
-# the baseline. tests/distributed/test_plan.py keeps the whole plan within 15% of XLA's numbers.
-SAE_ACTIVATION_BUFFERS = {"gated": 4, "baseline": 3}
+# [batch, d_sae] buffers live at the peak of one SAE train step (forward + backward): each
+# architecture declares its count (`SAE.ACTIVATION_BUFFERS`), fitted to XLA's memory_analysis
+# (CPU, meshes (2,4), (4,2), (1,8)): temp bytes ~ k x [batch, d_sae] shard + the gradients.
+# tests/distributed/test_plan.py keeps the whole plan within 15% of XLA's numbers.
 GiB = 1024**3
 
 
@@ -144,6 +143,7 @@ def _spec_note(params: Mapping[str, jax.ShapeDtypeStruct], top: int = 2) -> str:
 
 def sae_plan(config, d_in: int, num_devices: int) -> Plan:
   """Per-device plan of one SAE train step of `config` on `num_devices` devices."""
+  from gsae_jax.sae.spec import describe
   from gsae_jax.train import optim
   from gsae_jax.train.state import abstract_train_state
 
@@ -154,8 +154,9 @@ def sae_plan(config, d_in: int, num_devices: int) -> Plan:
                     f"expected multiples of mesh model={shape['model']} and data={shape['data']}")
   rules = tuple(map(tuple, config.mesh.rules))
   tx = optim.make_optimizer(config.optim, config.train.steps)
-  state, _, _, _ = abstract_train_state(config, d_in, mesh, tx)
-  members = int(state.step.shape[0]) if state.step.ndim else 1  # lambda-sweep members, else 1
+  spec = describe(config, d_in)
+  state, _, _ = abstract_train_state(spec, mesh, rules, tx)
+  members = spec.members
   batch = config.train.batch_size
   x = jax.ShapeDtypeStruct((batch, d_in), jnp.float32,
                            sharding=NamedSharding(mesh, sharding.batch_spec(rules)))
@@ -165,7 +166,7 @@ def sae_plan(config, d_in: int, num_devices: int) -> Plan:
   params = tree_device_bytes(state.params)
   stats = tree_device_bytes((state.step, state.rng, state.tokens_since_fired,
                              state.window_fire_count, state.window_tokens))
-  buffers = SAE_ACTIVATION_BUFFERS[config.sae.architecture]
+  buffers = spec.architecture.ACTIVATION_BUFFERS
   acts = members * buffers * device_bytes(f)
   memory = (
       Term("params", params, _spec_note(state.params)),
@@ -177,7 +178,7 @@ def sae_plan(config, d_in: int, num_devices: int) -> Plan:
       Term("stats", stats, "step, rng, feature firing counters"),
   )
   local_rows = batch // shape["data"]
-  n_decoder = 2 if config.sae.architecture == "gated" else 1  # x_hat, and L_aux's x_hat_frozen
+  n_decoder = spec.architecture.DECODER_PRODUCTS
   collectives = []
   if shape["data"] > 1:
     collectives.append(Collective("gradients", "all-reduce", "data", shape["data"], params))
@@ -185,7 +186,7 @@ def sae_plan(config, d_in: int, num_devices: int) -> Plan:
     collectives.append(Collective(
         "decoder partial sums f @ W_dec [batch/data, d_in]", "all-reduce", "model",
         shape["model"], local_rows * d_in * jnp.dtype(act_dtype).itemsize, members * n_decoder))
-  title = (f"{config.sae.architecture} SAE d_in={d_in} d_sae={config.sae.d_sae} batch={batch}"
+  title = (f"{spec.name} SAE d_in={d_in} d_sae={config.sae.d_sae} batch={batch}"
            + (f" x {members} sweep members" if members > 1 else ""))
   return Plan(title, shape, memory, tuple(collectives))
 

@@ -14,14 +14,13 @@ import json
 import os
 import sys
 
-import ml_collections
 from absl import app, flags
 
 from experiments import harvest_gemma3_270m
 from gsae_jax.checkpoint import CheckpointError
 from gsae_jax.eval import report
 from gsae_jax.runs import evaluation, exporting, harvesting
-from gsae_jax.train.state import sae_graph
+from gsae_jax.runs.sweep import coefficient_label
 from launch.common import quiet_library_logs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir.")
@@ -39,14 +38,13 @@ def main(argv):
   del argv
   quiet_library_logs()
   try:
-    step, params, config_dict, source = exporting.load_params(_WORKDIR.value, _STEP.value)
-    config = ml_collections.ConfigDict(config_dict)
-    grid = tuple(config.sweep.l1_coefficients) or None
-    graphdef = sae_graph(config, source["d_in"])[0]
-    runs = [{"name": f"{config.sae.architecture}_{i}", "architecture": config.sae.architecture,
-             "l1_coefficient": grid[i] if grid else config.sae.l1_coefficient, "step": step,
-             "graphdef": graphdef, "params": p}
-            for i, p in enumerate(evaluation.members(params, grid))]
+    trained = exporting.load_trained(_WORKDIR.value, _STEP.value)
+    spec, source = trained.spec, trained.source
+    runs = [{"name": f"{spec.name}_{i}", "architecture": spec.name,
+             "coefficients": spec.member_coefficients()[i],
+             "label": coefficient_label(spec.member_coefficients()[i]), "step": trained.step,
+             "spec": spec.member(i), "params": p}
+            for i, p in enumerate(evaluation.members(trained.params, spec))]
     lm = token_batches = None
     if _MODEL.value:
       text_config = harvest_gemma3_270m.get_config()
@@ -61,12 +59,12 @@ def main(argv):
     sys.exit(f"error: {e}")
   for i, r in enumerate(runs):
     if "log10_density" in r:
-      suffix = f"_{i}" if grid else ""
+      suffix = f"_{i}" if spec.sweep else ""
       report.density_histogram(r["log10_density"], os.path.join(_WORKDIR.value, f"density{suffix}.png"),
                                r["name"])
   out = [evaluation.public(r) for r in runs]
   with open(os.path.join(_WORKDIR.value, "eval.json"), "w") as f:
-    json.dump(out if grid else out[0], f, indent=2)
+    json.dump(out if spec.sweep else out[0], f, indent=2)
   for r in out:
     print(json.dumps(r), flush=True)
 

@@ -12,40 +12,47 @@ import torch
 from flax import nnx
 
 from gsae_jax import export
-from gsae_jax.sae.models import BaselineSAE, GatedSAE
+from gsae_jax.sae.spec import from_metadata
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D_IN, D_SAE, SCALE = 12, 40, 2.5
 
 
-def _trained_like(module_cls, seed=0):
+def _spec(arch, **block):
+  return from_metadata({"architecture": arch, "d_in": D_IN, "d_sae": D_SAE,
+                        "architecture_config": block})
+
+
+def _trained_like(spec, seed=0):
   """(graphdef, params) with every parameter perturbed, as after training."""
-  graphdef, state = nnx.split(module_cls(D_IN, D_SAE, rngs=nnx.Rngs(seed)))
-  params = nnx.to_pure_dict(state)
+  graphdef, params = spec.graphdef, spec.init_params()
   keys = jax.random.split(jax.random.key(seed + 1), len(params))
   params = {k: np.asarray(v + 0.2 * jax.random.normal(kk, v.shape))
             for (k, v), kk in zip(sorted(params.items()), keys)}
   return graphdef, params
 
 
-@pytest.mark.parametrize("module_cls", [GatedSAE, BaselineSAE])
-def test_npz_round_trip_is_identical(tmp_path, module_cls):
-  _, params = _trained_like(module_cls)
-  export.save_npz(str(tmp_path / "sae.npz"), params, {"site": "blocks.6.resid_post", "scale": SCALE})
-  loaded, meta = export.load_npz(str(tmp_path / "sae.npz"))
-  assert meta == {"site": "blocks.6.resid_post", "scale": SCALE}
+@pytest.mark.parametrize("arch", ["gated", "baseline"])
+def test_npz_round_trip_is_identical(tmp_path, arch):
+  spec = _spec(arch)
+  _, params = _trained_like(spec)
+  export.save_npz(str(tmp_path / "sae.npz"), params, spec, {"site": "blocks.6.resid_post", "scale": SCALE})
+  loaded, meta, loaded_spec = export.load_npz(str(tmp_path / "sae.npz"))
+  assert meta == {"site": "blocks.6.resid_post", "scale": SCALE, **spec.metadata()}
+  assert loaded_spec.name == arch
   assert loaded.keys() == params.keys()
   for k in params:
     np.testing.assert_array_equal(loaded[k], params[k])
     assert loaded[k].dtype == params[k].dtype
 
 
-@pytest.mark.parametrize("module_cls", [GatedSAE, BaselineSAE])
-def test_saelens_load_from_disk_matches_ours_on_raw_activations(tmp_path, module_cls):
+@pytest.mark.parametrize("arch", ["gated", "baseline"])
+def test_saelens_load_from_disk_matches_ours_on_raw_activations(tmp_path, arch):
   from sae_lens import SAE
 
-  graphdef, params = _trained_like(module_cls)
-  export.save_saelens(str(tmp_path / "sl"), params, scale=SCALE,
+  spec = _spec(arch)
+  graphdef, params = _trained_like(spec)
+  export.save_saelens(str(tmp_path / "sl"), params, spec, scale=SCALE,
                       metadata={"model_name": "tiny", "hook_name": "blocks.0.hook_resid_post",
                                 "context_size": 16})
   sae = SAE.load_from_disk(str(tmp_path / "sl"))
@@ -61,16 +68,18 @@ def test_saelens_load_from_disk_matches_ours_on_raw_activations(tmp_path, module
   np.testing.assert_allclose(f_theirs.numpy(), f_ours, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(x_hat_theirs.numpy(), x_hat_ours, atol=1e-5, rtol=1e-5)
 
-  back, cfg = export.load_saelens(str(tmp_path / "sl"), scale=SCALE)
+  back, cfg, back_spec = export.load_saelens(str(tmp_path / "sl"), scale=SCALE)
+  assert back_spec.name == arch
   assert cfg["metadata"]["hook_name"] == "blocks.0.hook_resid_post"
   for k in params:
     np.testing.assert_allclose(back[k], params[k], rtol=1e-6, atol=1e-7)
 
 
 def test_untied_gated_cannot_go_to_saelens(tmp_path):
-  _, params = _trained_like(lambda *a, **k: GatedSAE(*a, **k, tie_r_mag=False))
+  spec = _spec("gated", tie_r_mag=False)
+  _, params = _trained_like(spec)
   with pytest.raises(ValueError, match="untied W_mag"):
-    export.save_saelens(str(tmp_path / "sl"), params, scale=1.0, metadata={})
+    export.save_saelens(str(tmp_path / "sl"), params, spec, scale=1.0, metadata={})
 
 
 def test_hook_names():
@@ -90,7 +99,8 @@ def test_export_cli_from_training_workdir(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "launch.export", f"--workdir={tmp_path}"],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  params, meta = export.load_npz(str(tmp_path / "export" / "sae.npz"))
+  params, meta, spec = export.load_npz(str(tmp_path / "export" / "sae.npz"))
+  assert meta["architecture"] == spec.name == "gated"
   trained = np.load(tmp_path / "params.npz")
   for k in trained.files:
     np.testing.assert_array_equal(params[k], trained[k])

@@ -13,7 +13,7 @@ from typing import Callable
 
 import jax
 
-from gsae_jax.sae.models import random_unit_rows
+from gsae_jax.sae.base import random_unit_rows
 
 
 @dataclasses.dataclass(frozen=True)

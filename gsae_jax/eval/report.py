@@ -12,12 +12,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-COLUMNS = (("architecture", "arch", "{}"), ("l1_coefficient", "lambda", "{:.3g}"),
+from gsae_jax.sae import registry  # noqa: E402
+
+COLUMNS = (("architecture", "arch", "{}"), ("label", "coefficients", "{}"),
            ("l0", "L0", "{:.1f}"), ("fvu", "FVU", "{:.4f}"),
            ("relative_reconstruction_bias", "gamma", "{:.3f}"),
            ("ce_loss_score", "loss recovered", "{:.4f}"), ("delta_lm_loss", "delta LM loss", "{:.4f}"),
            ("dead_fraction", "dead", "{:.3f}"), ("dense_fraction", "dense", "{:.3f}"))
-COLOURS = {"gated": "tab:blue", "baseline": "tab:orange"}
+
+
+def colour(architecture: str) -> str:
+  """A fixed colour per registered architecture (matplotlib's tab10, in registry order)."""
+  names = registry.names()
+  i = names.index(architecture) if architecture in names else len(names)
+  return f"C{i % 10}"
 
 
 def markdown_table(runs: Sequence[dict]) -> str:
@@ -41,7 +49,7 @@ def pareto_plot(runs: Sequence[dict], y: str, ylabel: str, path: str, log_x: boo
     pts = [(r["l0"], r[y]) for r in rs if r.get(y) is not None]
     if pts:
       xs, ys = zip(*pts)
-      ax.plot(xs, ys, "o-", label=arch, color=COLOURS.get(arch))
+      ax.plot(xs, ys, "o-", label=arch, color=colour(arch))
   if log_x:
     ax.set_xscale("log")
   ax.set_xlabel("L0 (active features per token)")

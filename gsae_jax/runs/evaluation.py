@@ -14,15 +14,16 @@ from gsae_jax.data import shards
 from gsae_jax.data.pipeline import ShardIterator
 from gsae_jax.eval import evaluate
 from gsae_jax.runs import harvesting
+from gsae_jax.sae.spec import SAESpec
 
 EVAL_BATCH = 4096
 
 
-def members(params: dict, grid: tuple | None) -> list[dict]:
-  """The SAE params of each sweep member (a single SAE is one member)."""
-  if grid is None:
+def members(params: dict, spec: SAESpec) -> list[dict]:
+  """The SAE params of each sweep member of `spec` (a single SAE is one member)."""
+  if spec.sweep is None:
     return [params]
-  return [jax.tree.map(lambda a, i=i: a[i], params) for i in range(len(grid))]
+  return [jax.tree.map(lambda a, i=i: a[i], params) for i in range(spec.members)]
 
 
 def heldout_activation_batches(path: str, scale: float, max_tokens: int):
@@ -51,15 +52,15 @@ def _splice(graphdef):
 
 def evaluate_runs(runs: list[dict], scale: float, eval_shards: str | None, max_tokens: int,
                   lm=None, token_batches=None, site: str | None = None) -> list[dict]:
-  """Adds metrics to each run dict {name, graphdef, params, ...} (in place) and returns them.
+  """Adds metrics to each run dict {name, spec, params, ...} (in place) and returns them.
   The clean and zero-ablated LM losses are computed once for all runs."""
   for r in runs:
     if eval_shards:
       metrics, r["log10_density"] = evaluate.activation_metrics(
-          r["graphdef"], r["params"], heldout_activation_batches(eval_shards, scale, max_tokens))
+          r["spec"].graphdef, r["params"], heldout_activation_batches(eval_shards, scale, max_tokens))
       r.update(metrics)
   if lm is not None:
-    replacements = {r["name"]: (_splice(r["graphdef"]), (r["params"], scale)) for r in runs}
+    replacements = {r["name"]: (_splice(r["spec"].graphdef), (r["params"], scale)) for r in runs}
     losses = evaluate.lm_losses(lm, token_batches, site, replacements)
     for r in runs:
       r.update(evaluate.loss_recovered_metrics(losses, r["name"]))
@@ -68,4 +69,4 @@ def evaluate_runs(runs: list[dict], scale: float, eval_shards: str | None, max_t
 
 def public(run: dict) -> dict:
   """The JSON-able part of a run dict."""
-  return {k: v for k, v in run.items() if k not in ("graphdef", "params", "log10_density")}
+  return {k: v for k, v in run.items() if k not in ("spec", "params", "log10_density")}

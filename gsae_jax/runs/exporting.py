@@ -2,30 +2,44 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import jax
 import ml_collections
 
-from gsae_jax import sharding
+from gsae_jax import configs, sharding
 from gsae_jax.checkpoint import CheckpointError, Checkpointer
+from gsae_jax.sae.spec import SAESpec, describe
 from gsae_jax.train import optim
 from gsae_jax.train.state import abstract_train_state
 
 
-def load_params(workdir: str, step: int | None) -> tuple[int, dict, dict, dict]:
-  """(step, host params, config dict, source description) from a workdir's checkpoint."""
+@dataclasses.dataclass(frozen=True)
+class TrainedSAE:
+  """A checkpoint's SAE: step, host params (a sweep's with a leading member axis), the run's
+  config (today's layout, also for workdirs of earlier versions), activation source and spec."""
+  step: int
+  params: dict
+  config: ml_collections.ConfigDict
+  source: dict
+  spec: SAESpec
+
+
+def load_trained(workdir: str, step: int | None = None) -> TrainedSAE:
+  """The SAE of `workdir`'s checkpoint `step` (default: the latest), on one device."""
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=1_000_000)
   steps = ckpt.steps()
   if not steps:
     raise CheckpointError(f"{ckpt.directory}: no checkpoints to export")
   step = steps[-1] if step is None else step
-  config = ml_collections.ConfigDict(ckpt.restore_config(step))
+  config = ml_collections.ConfigDict(configs.upgrade_legacy(ckpt.restore_config(step)))
   with open(os.path.join(workdir, "source.json")) as f:
     source = json.load(f)
-  mesh = sharding.make_mesh(1, 1)
+  spec = describe(config, source["d_in"])
   tx = optim.make_optimizer(config.optim, config.train.steps)
-  abstract = abstract_train_state(config, source["d_in"], mesh, tx)[0]
+  rules = tuple(map(tuple, config.mesh.rules))
+  abstract = abstract_train_state(spec, sharding.make_mesh(1, 1), rules, tx)[0]
   _, state, _ = ckpt.restore(abstract, step)
-  return step, jax.device_get(state.params), config.to_dict(), source
+  return TrainedSAE(step, jax.device_get(state.params), config, source, spec)

@@ -1,25 +1,17 @@
-"""The main job: harvest -> sweep (train + evaluate) -> matched pair -> export -> report."""
+"""The main job: harvest -> sweep (train + evaluate) -> equal-L0 comparison -> export -> report."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 
 from gsae_jax import export
-from gsae_jax.eval import report
+from gsae_jax.eval import frontier, report
 from gsae_jax.runs import evaluation, harvesting, sweep
 
 
-def matched_pair(runs: list[dict]) -> tuple[dict, dict]:
-  """The (gated, baseline) runs whose L0 are closest (in log ratio)."""
-  gated = [r for r in runs if r["architecture"] == "gated" and r.get("l0", 0) > 0]
-  base = [r for r in runs if r["architecture"] == "baseline" and r.get("l0", 0) > 0]
-  if not gated or not base:
-    raise ValueError("the sweep produced no firing Gated or baseline SAE to compare")
-  return min(((g, b) for g in gated for b in base),
-             key=lambda p: abs(math.log(p[0]["l0"] / p[1]["l0"])))
+COMPARED = ("ce_loss_score", "fvu", "relative_reconstruction_bias", "delta_lm_loss")
 
 
 def _stage(name: str, t0: float, timings: dict) -> float:
@@ -53,27 +45,31 @@ def run_main(c, out: str) -> dict:
   runs = sweep.run_sweep(s, os.path.join(out, "sweep"), lm_tok)
   t = _stage("train + evaluate", t, timings)
 
-  gated, baseline = matched_pair(runs)
-  source = json.load(open(os.path.join(out, "sweep", "gated", "source.json")))
+  matched = frontier.compare_at_equal_l0(runs, COMPARED)
+  source = json.load(open(os.path.join(out, "sweep", runs[0]["architecture"], "source.json")))
   exported = {}
-  for r in (gated, baseline):
-    folder = os.path.join(out, "export", r["architecture"])
-    meta = {**source, "architecture": r["architecture"], "l1_coefficient": r["l1_coefficient"],
-            "config": s.train.to_dict()}
-    export.save_npz(os.path.join(folder, "sae.npz"), r["params"], meta)
-    export.save_saelens(os.path.join(folder, "saelens"), r["params"],
-                        scale=source["normalisation_scale"], metadata={
-                            "model_name": source["model_id"],
-                            "hook_name": export.saelens_hook_name(source["site"]),
-                            "context_size": source["context_length"], "prepend_bos": True})
-    report.density_histogram(r["log10_density"], os.path.join(out, f"density_{r['architecture']}.png"),
-                             f"{r['architecture']} (lambda {r['l1_coefficient']:g})")
-    exported[r["architecture"]] = folder
+  for arch, entry in matched["architectures"].items():
+    r = entry["nearest"]
+    folder = os.path.join(out, "export", arch)
+    meta = {**source, "coefficients": r["coefficients"], "config": s.train.to_dict()}
+    export.save_npz(os.path.join(folder, "sae.npz"), r["params"], r["spec"], meta)
+    if r["spec"].architecture.SAELENS_ARCHITECTURE:
+      export.save_saelens(os.path.join(folder, "saelens"), r["params"], r["spec"],
+                          scale=source["normalisation_scale"], metadata={
+                              "model_name": source["model_id"],
+                              "hook_name": export.saelens_hook_name(source["site"]),
+                              "context_size": source["context_length"], "prepend_bos": True})
+    report.density_histogram(r["log10_density"], os.path.join(out, f"density_{arch}.png"),
+                             f"{arch} ({r['label']})")
+    exported[arch] = folder
   t = _stage("export", t, timings)
   timings["total"] = time.perf_counter() - t_start
 
-  summary = {"gated": evaluation.public(gated),
-             "baseline": evaluation.public(baseline), "exported": exported,
+  summary = {**{arch: evaluation.public(e["nearest"])
+                for arch, e in matched["architectures"].items()},
+             "matched": {"l0": matched["l0"], "interpolated": {
+                 arch: {k: e[k] for k in COMPARED} for arch, e in matched["architectures"].items()}},
+             "exported": exported,
              "timings_s": timings, "train_tokens": manifest["token_count"],
              "heldout_tokens": held_manifest["token_count"], "site": manifest["site"],
              "model": manifest["model_id"], "train_steps": s.train.train.steps}
@@ -85,23 +81,36 @@ def run_main(c, out: str) -> dict:
 
 
 def _write_report(out: str, summary: dict, runs: list[dict]) -> None:
-  g, b = summary["gated"], summary["baseline"]
+  archs = list(summary["exported"])
+  nearest = [summary[a] for a in archs]
   times = ", ".join(f"{k} {v:.0f} s" for k, v in summary["timings_s"].items())
-  text = f"""# Gated vs baseline SAE on {summary['model']} `{summary['site']}`
+  matched = summary["matched"]
+  if matched["l0"]:
+    rows = "\n".join(
+        f"| {a} | " + " | ".join("-" if matched["interpolated"][a][k] is None
+                                 else f"{matched['interpolated'][a][k]:.4f}" for k in COMPARED)
+        + " |" for a in archs)
+    at_l0 = (f"Each architecture's frontier interpolated (linear in log L0) at L0 "
+             f"{matched['l0']:.1f}, the middle of the L0 range all of them cover:\n\n"
+             f"| arch | {' | '.join(COMPARED)} |\n|{'---|' * (len(COMPARED) + 1)}\n{rows}")
+  else:
+    at_l0 = "The architectures' L0 ranges do not overlap: widen the grids to compare at equal L0."
+  densities = " ".join(f"![density {a}](density_{a}.png)" for a in archs)
+  text = f"""# {', '.join(archs)} SAEs on {summary['model']} `{summary['site']}`
 
 Trained on {summary['train_tokens']:,} activations ({summary['train_steps']} steps), evaluated on
 {summary['heldout_tokens']:,} held-out activations and on held-out text (loss recovered, BOS
 excluded). Timings: {times}.
 
-## Matched pair (closest L0)
+## At equal L0
 
-{report.markdown_table([g, b])}
+{at_l0}
 
-Gated: L0 {g['l0']:.1f}, gamma {g['relative_reconstruction_bias']:.3f}, loss recovered
-{g['ce_loss_score']:.3f}. Baseline: L0 {b['l0']:.1f}, gamma {b['relative_reconstruction_bias']:.3f},
-loss recovered {b['ce_loss_score']:.3f}.
+Each architecture's run nearest that L0 (exported):
 
-![density gated](density_gated.png) ![density baseline](density_baseline.png)
+{report.markdown_table(nearest)}
+
+{densities}
 
 ## All runs (sweep)
 
@@ -112,7 +121,7 @@ loss recovered {b['ce_loss_score']:.3f}.
 ![gamma](sweep/gamma.png)
 
 Exports: {', '.join(f'`{v}`' for v in summary['exported'].values())} (`sae.npz` + `sae.json`, and
-`saelens/` with the normalisation folded in).
+`saelens/` with the normalisation folded in, where SAELens has the architecture).
 """
   with open(os.path.join(out, "report.md"), "w") as f:
     f.write(text)

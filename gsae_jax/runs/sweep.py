@@ -1,4 +1,4 @@
-"""Lambda sweeps: each architecture's grid in one data pass, then evaluation and a report."""
+"""Coefficient sweeps: each architecture's grid in one data pass, then evaluation and a report."""
 
 from __future__ import annotations
 
@@ -8,15 +8,20 @@ import time
 
 from gsae_jax.eval import report
 from gsae_jax.runs import evaluation, harvesting, training
-from gsae_jax.train.state import sae_graph
 
 
 class Preempted(Exception):
   """A training run stopped on a signal; re-running the same command resumes it."""
 
 
+def coefficient_label(coefficients: dict) -> str:
+  """'l1=2' or 'k=32, aux_k=0.0312': a run's coefficients as shown in reports."""
+  return ", ".join(f"{k}={v:.3g}" for k, v in coefficients.items())
+
+
 def train_grids(c, out_dir: str) -> tuple[list[dict], object]:
-  """Trains every architecture's grid; returns (runs with params, the last training source)."""
+  """Trains every architecture's grid (values of its first coefficient, or of
+  `c.grid_coefficients.<arch>`); returns (runs with spec and params, the last training source)."""
   runs, source = [], None
   for arch, grid in c.grids.items():
     if not grid:
@@ -24,15 +29,19 @@ def train_grids(c, out_dir: str) -> tuple[list[dict], object]:
     tc = c.train.copy_and_resolve_references()
     tc.update(c.get("overrides", {}).get(arch, {}))  # e.g. the baseline's own learning rate
     tc.sae.architecture = arch
-    tc.sweep.l1_coefficients = tuple(grid)
-    print(f"== training {arch} over lambda {tuple(grid)}", flush=True)
-    state, source, stopped = training.run(tc, os.path.join(out_dir, arch))
-    if stopped:
-      raise Preempted(f"{arch} training stopped by {stopped}")
-    graphdef = sae_graph(tc, source.d_in)[0]
-    for i, (lam, params) in enumerate(zip(grid, evaluation.members(state.params, tuple(grid)))):
-      runs.append({"name": f"{arch}_{i}", "architecture": arch, "l1_coefficient": float(lam),
-                   "member": i, "graphdef": graphdef, "params": params})
+    tc.sweep.coefficient = (c.get("grid_coefficients") or {}).get(arch, "")
+    tc.sweep.grid = tuple(grid)
+    print(f"== training {arch} over {tc.sweep.coefficient or 'its first coefficient'} "
+          f"{tuple(grid)}", flush=True)
+    result = training.run(tc, os.path.join(out_dir, arch))
+    if result.stopped:
+      raise Preempted(f"{arch} training stopped by {result.stopped}")
+    spec, source = result.spec, result.source
+    for i, params in enumerate(evaluation.members(result.state.params, spec)):
+      coefficients = spec.member_coefficients()[i]
+      runs.append({"name": f"{arch}_{i}", "architecture": arch, "member": i,
+                   "coefficients": coefficients, "label": coefficient_label(coefficients),
+                   "spec": spec.member(i), "params": params})
   return runs, source
 
 
@@ -59,6 +68,6 @@ def run_sweep(c, out_dir: str, lm_and_tokenizer=None) -> list[dict]:
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump([evaluation.public(r) for r in runs], f, indent=2)
   timing = f"training {t_train:.0f} s, evaluation {time.perf_counter() - t1:.0f} s"
-  report.write_sweep_report(runs, out_dir, "Lambda sweep", f"Site `{site}`; {timing}.")
+  report.write_sweep_report(runs, out_dir, "Coefficient sweep", f"Site `{site}`; {timing}.")
   print(f"== sweep done: {timing}; report in {out_dir}/report.md", flush=True)
   return runs

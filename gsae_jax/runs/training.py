@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
+from typing import Any
 
 import jax
 import numpy as np
@@ -14,7 +16,9 @@ from gsae_jax.checkpoint import Checkpointer
 from gsae_jax.data import shards
 from gsae_jax.data.sources import make_source
 from gsae_jax.eval.metrics import mean_max_cosine
+from gsae_jax.sae.spec import SAESpec, describe
 from gsae_jax.train.loop import train
+from gsae_jax.train.state import TrainState
 
 _SHOWN = ("loss", "reconstruct", "sparsity", "aux", "l0", "fvu", "gamma", "dead_fraction")
 
@@ -41,10 +45,19 @@ def source_description(config, source) -> dict:
   return info
 
 
-def run(config, workdir: str, restore_step: int | None = None):
+@dataclasses.dataclass(frozen=True)
+class TrainingRun:
+  """What `run` leaves behind: the final state, the data source, the SAE description, and the
+  signal that stopped the run early (None when it finished)."""
+  state: TrainState
+  source: Any
+  spec: SAESpec
+  stopped: str | None
+
+
+def run(config, workdir: str, restore_step: int | None = None) -> TrainingRun:
   """Validates, trains (resuming from `<workdir>/checkpoints`) and writes the workdir files.
 
-  Returns (state, source, stopped): `stopped` names the signal that ended the run early, or None.
   Raises ValueError for a bad config or bad data and CheckpointError for unusable checkpoints,
   before anything is trained.
   """
@@ -52,6 +65,7 @@ def run(config, workdir: str, restore_step: int | None = None):
   distributed.check_process_batch_slices(mesh)  # each process reads its 1/P of every batch
   configs.validate(config, dict(mesh.shape))
   source = make_source(config, mesh)  # opening shards verifies them: bad data stops here
+  spec = describe(config, source.d_in)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
@@ -76,7 +90,7 @@ def run(config, workdir: str, restore_step: int | None = None):
       log_file.flush()
 
     try:
-      state = train(config, mesh, source.batches, source.d_in, on_metrics, checkpointer,
+      state = train(config, mesh, source.batches, spec, on_metrics, checkpointer,
                     restore_step, stop_requested=lambda: bool(stop))
     finally:
       checkpointer.close()
@@ -84,7 +98,7 @@ def run(config, workdir: str, restore_step: int | None = None):
     step = int(np.asarray(state.step).flat[0])
     print(f"{stop[0]}: saved checkpoint at step {step} in {checkpointer.directory}; "
           "re-run the same command to resume", flush=True)
-    return state, source, stop[0]
+    return TrainingRun(state, source, spec, stop[0])
 
   # params.npz: our names; in a sweep every array has a leading member axis.
   params = {k: np.asarray(v) for k, v in distributed.to_host(state.params).items()}
@@ -95,4 +109,4 @@ def run(config, workdir: str, restore_step: int | None = None):
     mmcs = [float(mean_max_cosine(w, source.ground_truth)) for w in w_dec]
     print(f"mean max cosine similarity to the true features: {_fmt(mmcs if len(mmcs) > 1 else mmcs[0])}",
           flush=True)
-  return state, source, None
+  return TrainingRun(state, source, spec, None)

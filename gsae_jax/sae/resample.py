@@ -21,8 +21,7 @@ def resample_dead(params: dict, opt_state, x: jax.Array, dead: jax.Array, key: j
                   graphdef, tx: optax.GradientTransformation, logical_axes: dict):
   """Returns (params, opt_state) with `dead` [d_sae] features re-initialised from batch x."""
   sae = nnx.merge(graphdef, params)
-  _, out = sae.loss_terms(x, 0.0)
-  per_token_loss = jnp.sum(jnp.square(x - out["x_hat"]), axis=-1)
+  per_token_loss = jnp.sum(jnp.square(x - sae.decode(sae.encode(x))), axis=-1)
   idx = jax.random.categorical(key, jnp.log(jnp.square(per_token_loss) + 1e-30), shape=dead.shape)
   directions = unit_rows(x[idx].astype(jnp.float32)).astype(x.dtype)
   enc_norms = jnp.linalg.norm(sae.encoder_weight(), axis=0)

@@ -12,7 +12,8 @@ from jax.sharding import Mesh
 from gsae_jax.checkpoint import Checkpointer
 from gsae_jax.data.sources import BatchIterator
 from gsae_jax.train import optim
-from gsae_jax.train.state import TrainState, abstract_train_state, sae_graph
+from gsae_jax.sae.spec import SAESpec
+from gsae_jax.train.state import TrainState, abstract_train_state
 from gsae_jax.train.step import compile_steps
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
@@ -31,19 +32,21 @@ def _b_dec_at_data_mean(state: TrainState, batches: BatchIterator, num_batches: 
   return state.replace(params={**state.params, "b_dec": jax.device_put(mean, b_dec_sharding)})
 
 
-def train(config, mesh: Mesh, batches: BatchIterator, d_in: int,
+def train(config, mesh: Mesh, batches: BatchIterator, spec: SAESpec,
           on_metrics: MetricsCallback | None = None, checkpointer: Checkpointer | None = None,
           restore_step: int | None = None,
           stop_requested: Callable[[], bool] = lambda: False) -> TrainState:
-  """Trains up to `config.train.steps`, drawing one [batch, d_in] array per step from `batches`.
+  """Trains the SAE `spec` (`gsae_jax.sae.spec.describe(config, d_in)`) up to
+  `config.train.steps`, drawing one [batch, d_in] array per step from `batches`.
 
   With a checkpointer, the latest checkpoint (or `restore_step`) is restored first, together with
   the data iterator's position, and saves happen on its interval, at the end, and as soon as
   `stop_requested()` turns true (preemption), after which the loop returns early.
   """
   steps = config.train.steps
+  rules = tuple(map(tuple, config.mesh.rules))
   tx = optim.make_optimizer(config.optim, steps)
-  abstract, shardings, graphdef, init_fn = abstract_train_state(config, d_in, mesh, tx)
+  abstract, shardings, init_fn = abstract_train_state(spec, mesh, rules, tx)
   restored = checkpointer.restore(abstract, restore_step) if checkpointer else None
   if restored:
     restored_step, state, data_state = restored
@@ -54,8 +57,8 @@ def train(config, mesh: Mesh, batches: BatchIterator, d_in: int,
     if config.sae.init_b_dec == "mean":
       state = _b_dec_at_data_mean(state, batches, config.sae.init_b_dec_batches,
                                   shardings.params["b_dec"])
-  _, _, logical_axes = sae_graph(config, d_in)
-  train_step, resample_step = compile_steps(config, mesh, shardings, graphdef, tx, logical_axes)
+  train_step, resample_step = compile_steps(spec, mesh, shardings, rules, tx,
+                                            int(config.train.feature_window_tokens))
   config_dict = config.to_dict()
 
   def save(step: int, force: bool) -> None:

@@ -1,4 +1,4 @@
-"""Adam (b1=0, b2=0.999) with LR warm-up / optional decay, the lambda warm-up, and the decoder
+"""Adam (b1=0, b2=0.999) with LR warm-up / optional decay, and the decoder
 constraint wrapped around the optimiser (GATED_SAE.md section 2, "Optimiser")."""
 
 from __future__ import annotations
@@ -25,11 +25,6 @@ def piecewise_linear(value: float, total_steps: int, warmup_steps: int = 0,
 def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
   decay_steps = int(round(optim_config.decay_fraction * total_steps))
   return piecewise_linear(optim_config.lr, total_steps, optim_config.warmup_steps, decay_steps)
-
-
-def l1_warmup(sae_config, total_steps: int) -> optax.Schedule:
-  """Factor in [0, 1] on lambda: linear warm-up from 0 over `sae.l1_warmup_steps`, then 1."""
-  return piecewise_linear(1.0, total_steps, sae_config.l1_warmup_steps)
 
 
 def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -13,20 +14,23 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from gsae_jax import sharding
 from gsae_jax.eval import metrics as metric_defs
 from gsae_jax.sae.resample import resample_dead
-from gsae_jax.train import optim
-from gsae_jax.train.state import TrainState, sweep_grid
+from gsae_jax.sae.spec import SAESpec
+from gsae_jax.train.state import TrainState
 
 
-def train_step(state: TrainState, x: jax.Array, l1_coefficient: jax.Array, *, graphdef,
-               tx: optax.GradientTransformation, feature_window_tokens: int):
-  """Returns (new_state, metrics) for one batch x [batch, d_in] at sparsity `l1_coefficient`."""
+def train_step(state: TrainState, x: jax.Array, coefficients: Mapping[str, jax.Array], *,
+               graphdef, tx: optax.GradientTransformation, feature_window_tokens: int):
+  """Returns (new_state, metrics) for one batch x [batch, d_in] at the named loss coefficients."""
   def loss_fn(params):
-    terms, out = nnx.merge(graphdef, params).loss_terms(x, l1_coefficient)
+    terms, out = nnx.merge(graphdef, params).loss_terms(x, coefficients)
     return sum(terms.values()), (terms, out)
 
   grads, (terms, out) = jax.grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  sae = nnx.merge(graphdef, params)
+  sae.update_statistics(out)  # e.g. BatchTopK's threshold estimate; a no-op for most
+  params = nnx.to_pure_dict(nnx.split(sae)[1])
 
   batch = x.shape[0]
   sums = metric_defs.reconstruction_sums(x, out["x_hat"], out["f"])
@@ -38,7 +42,7 @@ def train_step(state: TrainState, x: jax.Array, l1_coefficient: jax.Array, *, gr
 
   metrics = {**metric_defs.reconstruction_metrics(sums), **terms}
   metrics["loss"] = sum(terms.values())
-  metrics["l1_coefficient"] = l1_coefficient
+  metrics.update({f"coef_{name}": jnp.asarray(v) for name, v in coefficients.items()})
   metrics["dead_fraction"] = jnp.mean((tokens_since_fired >= feature_window_tokens).astype(jnp.float32))
   metrics["dense_fraction"] = metric_defs.dense_fraction(window_fire_count, window_tokens)
 
@@ -71,27 +75,26 @@ def jit_sharded(fn, mesh: Mesh, state_shardings, rules, with_metrics: bool):
                  donate_argnums=0)
 
 
-def compile_steps(config, mesh: Mesh, state_shardings, graphdef, tx, logical_axes):
+def compile_steps(spec: SAESpec, mesh: Mesh, state_shardings, rules, tx,
+                  feature_window_tokens: int):
   """(train_step, resample_step), both jitted with shardings.
 
-  With a lambda grid (`config.sweep.l1_coefficients`), the state has a leading member axis and
-  both steps are `jax.vmap`ped over it: every member sees the same batch (one data pass).
+  With a sweep (`spec.sweep`), the state has a leading member axis and both steps are
+  `jax.vmap`ped over it, each member at its own value of the swept coefficient: every member
+  sees the same batch (one data pass).
   """
-  rules = tuple(map(tuple, config.mesh.rules))
-  window = int(config.train.feature_window_tokens)
-  warmup = optim.l1_warmup(config.sae, config.train.steps)
-  step = functools.partial(train_step, graphdef=graphdef, tx=tx, feature_window_tokens=window)
-  resample = functools.partial(resample_step, graphdef=graphdef, tx=tx, logical_axes=logical_axes,
-                               feature_window_tokens=window)
-  grid = sweep_grid(config)
-  if grid is None:
-    lam = config.sae.l1_coefficient
-    train_fn = lambda state, x: step(state, x, lam * warmup(state.step))
+  step = functools.partial(train_step, graphdef=spec.graphdef, tx=tx,
+                           feature_window_tokens=feature_window_tokens)
+  resample = functools.partial(resample_step, graphdef=spec.graphdef, tx=tx,
+                               logical_axes=spec.logical_axes,
+                               feature_window_tokens=feature_window_tokens)
+  values = spec.sweep_values()
+  if values is None:
+    train_fn = lambda state, x: step(state, x, spec.coefficients_at(state.step))
     resample_fn = resample
   else:
-    grid = jnp.asarray(grid, jnp.float32)
     train_fn = lambda states, x: jax.vmap(
-        lambda s, g: step(s, x, g * warmup(s.step)))(states, grid)
+        lambda s, v: step(s, x, spec.coefficients_at(s.step, v)))(states, values)
     resample_fn = lambda states, x: jax.vmap(lambda s: resample(s, x))(states)
   return (jit_sharded(train_fn, mesh, state_shardings, rules, True),
           jit_sharded(resample_fn, mesh, state_shardings, rules, False))

@@ -11,6 +11,7 @@ from gsae_jax import sharding
 from gsae_jax.checkpoint import CheckpointError, Checkpointer
 from gsae_jax.data.sources import make_source
 from gsae_jax.train import optim
+from gsae_jax.sae.spec import describe
 from gsae_jax.train.loop import train
 from gsae_jax.train.state import abstract_train_state
 
@@ -21,14 +22,15 @@ def _train_8_devices(config, directory):
   mesh = sharding.make_mesh(2, 4)
   source = make_source(config, mesh)
   ckpt = Checkpointer(directory, save_every=2, keep=5)
-  state = train(config, mesh, source.batches, source.d_in, checkpointer=ckpt)
+  state = train(config, mesh, source.batches, describe(config, source.d_in), checkpointer=ckpt)
   ckpt.close()
   return jax.device_get(state)
 
 
 def _abstract(config, mesh):
   tx = optim.make_optimizer(config.optim, config.train.steps)
-  return abstract_train_state(config, config.data.d_in, mesh, tx)[0]
+  return abstract_train_state(describe(config, config.data.d_in), mesh,
+                              tuple(map(tuple, config.mesh.rules)), tx)[0]
 
 
 @pytest.mark.parametrize("data, model", [(1, 1), (1, 4), (4, 1)])

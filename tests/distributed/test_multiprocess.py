@@ -17,6 +17,7 @@ from gsae_jax import sharding
 from gsae_jax.checkpoint import Checkpointer
 from gsae_jax.data import harvest
 from gsae_jax.train import optim
+from gsae_jax.sae.spec import describe
 from gsae_jax.train.state import abstract_train_state
 from tests.data.conftest import fake_activations, spec, unique_windows
 
@@ -104,7 +105,8 @@ def test_two_processes_match_one_process_and_checkpoint_restores(tmp_path, shard
   config.mesh.data, config.mesh.model = 2, 4
   mesh = sharding.make_mesh(2, 4)
   tx = optim.make_optimizer(config.optim, STEPS)
-  abstract, _, _, _ = abstract_train_state(config, D_IN, mesh, tx)
+  abstract = abstract_train_state(describe(config, D_IN), mesh, tuple(map(tuple, config.mesh.rules)),
+                                  tx)[0]
   checkpointer = Checkpointer(str(two / "checkpoints"), save_every=2, keep=3)
   assert checkpointer.steps() == [2, 4]
   step, state, data_state = checkpointer.restore(abstract)

@@ -14,7 +14,8 @@ import pytest
 from experiments import gemma7b, synthetic
 from gsae_jax import plan, sharding
 from gsae_jax.train import optim
-from gsae_jax.train.state import abstract_train_state, sae_graph
+from gsae_jax.sae.spec import describe
+from gsae_jax.train.state import abstract_train_state
 from gsae_jax.train.step import compile_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -105,9 +106,9 @@ def _compiled_step(config, d_in, mesh_shape):
   config.mesh.data, config.mesh.model = mesh_shape
   mesh = sharding.make_mesh(*mesh_shape)
   tx = optim.make_optimizer(config.optim, config.train.steps)
-  abstract, shardings, graphdef, _ = abstract_train_state(config, d_in, mesh, tx)
-  _, _, logical_axes = sae_graph(config, d_in)
-  step, _ = compile_steps(config, mesh, shardings, graphdef, tx, logical_axes)
+  spec, rules = describe(config, d_in), tuple(map(tuple, config.mesh.rules))
+  abstract, shardings, _ = abstract_train_state(spec, mesh, rules, tx)
+  step, _ = compile_steps(spec, mesh, shardings, rules, tx, config.train.feature_window_tokens)
   x = jax.ShapeDtypeStruct((config.train.batch_size, d_in), jnp.float32,
                            sharding=jax.sharding.NamedSharding(mesh, sharding.batch_spec()))
   return step.lower(abstract, x).compile()

@@ -9,7 +9,7 @@ from flax import nnx
 
 from gsae_jax import lm as lm_lib
 from gsae_jax.eval import evaluate, metrics
-from gsae_jax.sae.models import GatedSAE
+from gsae_jax.sae.gated import GatedSAE
 
 
 @pytest.fixture(scope="module")

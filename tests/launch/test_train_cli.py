@@ -21,23 +21,23 @@ def _run(workdir, *extra):
 
 
 def test_train_cli_end_to_end(tmp_path):
-  proc = _run(tmp_path, "--config.sae.l1_coefficient=0.5")
+  proc = _run(tmp_path, "--config.sae.gated.l1_coefficient=0.5")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "step 6/6" in proc.stdout and "tokens/s" in proc.stdout and "gamma=" in proc.stdout
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [l["step"] for l in lines] == [3, 6]
   for key in ("loss", "reconstruct", "sparsity", "aux", "l0", "fvu", "gamma", "tokens_per_s"):
     assert np.isfinite(lines[-1][key]), key
-  assert lines[-1]["l1_coefficient"] == 0.5
+  assert lines[-1]["coef_l1"] == 0.5
   params = np.load(tmp_path / "params.npz")
   assert params["W_dec"].shape == (64, 16) and params["W_gate"].shape == (16, 64)
-  assert json.loads((tmp_path / "config.json").read_text())["sae"]["l1_coefficient"] == 0.5
+  assert json.loads((tmp_path / "config.json").read_text())["sae"]["gated"]["l1_coefficient"] == 0.5
 
 
 @pytest.mark.parametrize("flag, field", [
-    ("--config.sae.architecture=topk", "config.sae.architecture"),
-    ("--config.sae.gate_backward=sigmoid", "config.sae.gate_backward"),
-    ("--config.sae.l1_coefficient=-1.0", "config.sae.l1_coefficient"),
+    ("--config.sae.architecture=relu6", "config.sae.architecture"),
+    ("--config.sae.gated.gate_backward=sigmoid", "config.sae.gated.gate_backward"),
+    ("--config.sae.gated.l1_coefficient=-1.0", "config.sae.gated.l1_coefficient"),
     ("--config.sae.d_sae=63", "config.sae.d_sae"),
 ])
 def test_train_cli_rejects_bad_config(tmp_path, flag, field):

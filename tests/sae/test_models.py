@@ -6,9 +6,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gsae_jax.sae.models import BaselineSAE, GatedSAE
+from gsae_jax.sae.baseline import BaselineSAE
+from gsae_jax.sae.gated import GatedSAE
 
 D_IN, D_SAE, BATCH = 6, 10, 7
+
+
+def _gated_block(**fields):
+  block = GatedSAE.default_config()
+  block.update(fields)
+  return block
 
 
 def _perturbed(sae, seed=0):
@@ -31,7 +38,7 @@ def x():
 
 
 def _term_grads(graphdef, params, x, term, lam=0.7):
-  return jax.grad(lambda p: nnx.merge(graphdef, p).loss_terms(x, lam)[0][term])(params)
+  return jax.grad(lambda p: nnx.merge(graphdef, p).loss_terms(x, {"l1": lam})[0][term])(params)
 
 
 def _nonzero(g):
@@ -47,7 +54,7 @@ def test_gated_forward_matches_equations(gated, x):
   f = (pi_gate > 0) * np.maximum(pi_mag, 0)
   x_hat = f @ np.asarray(p["W_dec"]) + np.asarray(p["b_dec"])
   np.testing.assert_allclose(sae.encode(x), f, rtol=1e-5, atol=1e-6)
-  terms, out = sae.loss_terms(x, 0.7)
+  terms, out = sae.loss_terms(x, {"l1": 0.7})
   np.testing.assert_allclose(out["x_hat"], x_hat, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(terms["reconstruct"], np.mean(np.sum((x - x_hat) ** 2, -1)), rtol=1e-5)
   np.testing.assert_allclose(terms["sparsity"], 0.7 * np.mean(np.sum(np.maximum(pi_gate, 0), -1)), rtol=1e-5)
@@ -103,12 +110,12 @@ def test_r_mag_and_b_mag_only_from_reconstruct(gated, x, term):
 
 
 def test_unfrozen_aux_decoder_ablation_reaches_decoder(x):
-  graphdef, p = _perturbed(GatedSAE(D_IN, D_SAE, rngs=nnx.Rngs(0), frozen_aux_decoder=False))
+  graphdef, p = _perturbed(GatedSAE(D_IN, D_SAE, _gated_block(frozen_aux_decoder=False), rngs=nnx.Rngs(0)))
   assert _nonzero(_term_grads(graphdef, p, x, "aux")["W_dec"])
 
 
 def test_untied_magnitude_ablation_has_separate_w_mag(x):
-  graphdef, p = _perturbed(GatedSAE(D_IN, D_SAE, rngs=nnx.Rngs(0), tie_r_mag=False))
+  graphdef, p = _perturbed(GatedSAE(D_IN, D_SAE, _gated_block(tie_r_mag=False), rngs=nnx.Rngs(0)))
   assert "W_mag" in p and "r_mag" not in p
   g = _term_grads(graphdef, p, x, "reconstruct")
   assert _nonzero(g["W_mag"])
@@ -117,7 +124,8 @@ def test_untied_magnitude_ablation_has_separate_w_mag(x):
 
 @pytest.mark.parametrize("mode", ["straight_through", "rectangle"])
 def test_pseudo_derivative_gates_let_reconstruct_reach_b_gate(x, mode):
-  graphdef, p = _perturbed(GatedSAE(D_IN, D_SAE, rngs=nnx.Rngs(0), gate_backward=mode, gate_eps=2.0))
+  graphdef, p = _perturbed(GatedSAE(D_IN, D_SAE, _gated_block(gate_backward=mode, gate_eps=2.0),
+                                    rngs=nnx.Rngs(0)))
   assert _nonzero(_term_grads(graphdef, p, x, "reconstruct")["b_gate"])
 
 
@@ -134,7 +142,7 @@ def test_baseline_forward_and_loss(x):
   sae = nnx.merge(graphdef, p)
   f = np.maximum(np.asarray(x - p["b_dec"]) @ np.asarray(p["W_enc"]) + np.asarray(p["b_enc"]), 0)
   x_hat = f @ np.asarray(p["W_dec"]) + np.asarray(p["b_dec"])
-  terms, out = sae.loss_terms(x, 0.5)
+  terms, out = sae.loss_terms(x, {"l1": 0.5})
   np.testing.assert_allclose(out["f"], f, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(terms["reconstruct"], np.mean(np.sum((x - x_hat) ** 2, -1)), rtol=1e-5)
   np.testing.assert_allclose(terms["sparsity"], 0.5 * np.mean(np.sum(f, -1)), rtol=1e-5)

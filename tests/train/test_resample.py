@@ -6,7 +6,8 @@ import pytest
 from gsae_jax import sharding
 from gsae_jax.data.sources import make_source
 from gsae_jax.train import optim
-from gsae_jax.train.state import create_train_state, sae_graph
+from gsae_jax.sae.spec import describe
+from gsae_jax.train.state import create_train_state
 from gsae_jax.train.step import compile_steps
 
 
@@ -17,9 +18,10 @@ def test_resampling_reinitialises_only_dead_features(tiny_config, architecture):
   mesh = sharding.make_mesh(2, 4)
   source = make_source(c, mesh)
   tx = optim.make_optimizer(c.optim, c.train.steps)
-  state, shardings, graphdef = create_train_state(c, source.d_in, mesh, tx)
-  _, _, axes = sae_graph(c, source.d_in)
-  train_step, resample_step = compile_steps(c, mesh, shardings, graphdef, tx, axes)
+  spec, rules = describe(c, source.d_in), tuple(map(tuple, c.mesh.rules))
+  state, shardings = create_train_state(spec, mesh, rules, tx)
+  train_step, resample_step = compile_steps(spec, mesh, shardings, rules, tx,
+                                            c.train.feature_window_tokens)
   for step in range(3):
     state, _ = train_step(state, next(source.batches))
   dead = np.zeros(c.sae.d_sae, bool)

@@ -7,13 +7,15 @@ from jax.sharding import PartitionSpec as P
 
 from gsae_jax import sharding
 from gsae_jax.data.sources import make_source
+from gsae_jax.sae.spec import describe
 from gsae_jax.train.loop import train
 
 
 def _run(config, mesh):
   source = make_source(config, mesh)
   history = []
-  state = train(config, mesh, source.batches, source.d_in, lambda s, m: history.append(m))
+  state = train(config, mesh, source.batches, describe(config, source.d_in),
+                lambda s, m: history.append(m))
   return state, history
 
 
@@ -21,7 +23,7 @@ def _run(config, mesh):
 def test_mesh_2x4_equals_single_device(tiny_config, architecture):
   assert jax.device_count() == 8
   tiny_config.sae.architecture = architecture
-  tiny_config.sae.l1_coefficient = 0.5
+  tiny_config.sae[architecture].l1_coefficient = 0.5
   single, hist1 = _run(tiny_config, sharding.make_mesh(1, 1))
   tiny_config.mesh.data, tiny_config.mesh.model = 2, 4
   sharded, hist8 = _run(tiny_config, sharding.make_mesh(2, 4))
@@ -51,14 +53,14 @@ def test_b_dec_initialised_at_data_mean_without_skipping_data(tiny_config):
   source = make_source(tiny_config, mesh)
   first = [next(source.batches) for _ in range(2)]
   source.batches.set_state({"step": 0})
-  state = train(tiny_config, mesh, source.batches, source.d_in)
+  state = train(tiny_config, mesh, source.batches, describe(tiny_config, source.d_in))
   np.testing.assert_allclose(state.params["b_dec"], np.concatenate(first).mean(0), rtol=1e-4, atol=1e-6)
   assert source.batches.get_state() == {"step": 5}  # 5 training steps, the mean did not consume
 
 
 def test_vmapped_lambda_sweep_equals_separate_runs(tiny_config):
   """One data pass over a lambda grid gives each member what a separate run would."""
-  tiny_config.sweep.l1_coefficients = (0.2, 2.0)
+  tiny_config.sweep.grid = (0.2, 2.0)
   tiny_config.mesh.data, tiny_config.mesh.model = 2, 4
   sweep, hist = _run(tiny_config, sharding.make_mesh(2, 4))
   assert sweep.params["W_dec"].shape == (2, 64, 16)
@@ -66,8 +68,8 @@ def test_vmapped_lambda_sweep_equals_separate_runs(tiny_config):
   assert len(hist[-1]["l0"]) == 2 and hist[-1]["l0"][0] > hist[-1]["l0"][1]
   for i, lam in enumerate((0.2, 2.0)):
     single_config = tiny_config.copy_and_resolve_references()
-    single_config.sweep.l1_coefficients = ()
-    single_config.sae.l1_coefficient = lam
+    single_config.sweep.grid = ()
+    single_config.sae.gated.l1_coefficient = lam
     single, _ = _run(single_config, sharding.make_mesh(2, 4))
     for name, value in single.params.items():
       np.testing.assert_allclose(sweep.params[name][i], value, rtol=1e-5, atol=1e-6, err_msg=name)

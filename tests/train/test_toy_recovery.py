@@ -7,6 +7,7 @@ from experiments import synthetic
 from gsae_jax import sharding
 from gsae_jax.data.sources import make_source
 from gsae_jax.eval.metrics import mean_max_cosine
+from gsae_jax.sae.spec import describe
 from gsae_jax.train.loop import train
 
 # Lambdas chosen once (sweep over 1, 3, 10) so both land near the same L0 (about 9).
@@ -16,12 +17,12 @@ L1 = {"gated": 3.0, "baseline": 3.0}
 def _train(architecture):
   c = synthetic.get_config()
   c.sae.architecture = architecture
-  c.sae.l1_coefficient = L1[architecture]
+  c.sae[architecture].l1_coefficient = L1[architecture]
   c.train.log_every = c.train.steps
   mesh = sharding.make_mesh(1, 1)
   source = make_source(c, mesh)
   final = {}
-  state = train(c, mesh, source.batches, source.d_in, lambda s, m: final.update(m))
+  state = train(c, mesh, source.batches, describe(c, source.d_in), lambda s, m: final.update(m))
   final["mmcs"] = float(mean_max_cosine(state.params["W_dec"], source.ground_truth))
   return final
 

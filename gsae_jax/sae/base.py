@@ -1,0 +1,187 @@
+"""The interface every SAE architecture declares, and the math helpers they share.
+
+An architecture is one module under `gsae_jax/sae/` holding one `SAE` subclass plus a line in
+`gsae_jax/sae/registry.py`. The class states, next to its equations, everything the rest of the
+framework asks of it: its config block and defaults, its named loss coefficients, the logical
+axes of its parameters (sharding), its cost (FLOPs per token, `[batch, d_sae]` buffers: the
+plan and the benchmarks), its SAELens name and parameter mapping (export / import) and how
+resampling re-initialises a feature. Nothing outside the module names an architecture.
+
+Storage layout follows SAELens: encoder weights are [d_in, d_sae] (the papers' W_enc
+transposed) and the decoder is W_dec [d_sae, d_in], so the papers' decoder "columns" are rows.
+Training splits a module into a pure dict (`nnx.split` + `nnx.to_pure_dict`) and rebuilds it
+inside jit with `nnx.merge`, so every method is a pure function of (params, inputs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+Check = Any  # callable(ok: bool, field: str, expected: str, found) raising ValueError
+
+
+@dataclasses.dataclass(frozen=True)
+class Coefficient:
+  """A named scalar of an architecture's loss that a sweep may vary.
+
+  `field` is its value's field in the architecture's config block; `warmup_field` (optional) a
+  field holding the steps of a linear warm-up from 0. `integer` coefficients (TopK's k) are
+  swept by selecting at the grid's largest value and masking per member.
+  """
+  name: str
+  field: str
+  warmup_field: str | None = None
+  integer: bool = False
+  description: str = ""
+
+
+class Statistic(nnx.Variable):
+  """A non-trained quantity estimated during training (e.g. BatchTopK's inference threshold).
+
+  It lives beside the parameters (checkpointed, exported, sharded by LOGICAL_AXES) but gets no
+  gradient: `SAE.update_statistics` sets it after each optimiser step.
+  """
+
+
+class SAE(nnx.Module):
+  """Abstract sparse autoencoder. Shapes: x [batch, d_in], f [batch, d_sae].
+
+  Subclasses set the class attributes below and implement `__init__(d_in, d_sae, block, *, rngs,
+  dtype)`, `encode`, `decode`, `loss_terms`, `reinit_features` and `encoder_weight`.
+  """
+
+  NAME: ClassVar[str]
+  # Logical axes per parameter ('d_in', 'features'); `gsae_jax.sharding` maps them to the mesh.
+  LOGICAL_AXES: ClassVar[dict[str, tuple[str, ...]]]
+  COEFFICIENTS: ClassVar[tuple[Coefficient, ...]]
+  # Dense train step FLOPs per token in units of n*M (forward + backward), for benchmarks.
+  FLOPS_PER_TOKEN_PER_NM: ClassVar[int]
+  # [batch, d_sae] buffers alive at the peak of one train step (plan.py), and the number of
+  # f @ W_dec products per step (each a 'model'-axis all-reduce when features are sharded).
+  ACTIVATION_BUFFERS: ClassVar[int]
+  DECODER_PRODUCTS: ClassVar[int]
+  # The `architecture` of the SAELens folder this SAE exports to; None: no SAELens equivalent.
+  SAELENS_ARCHITECTURE: ClassVar[str | None]
+
+  # --- config -------------------------------------------------------------------------
+  @classmethod
+  def default_config(cls) -> ml_collections.ConfigDict:
+    """The architecture's config block (`config.sae.<NAME>`) with its defaults."""
+    raise NotImplementedError
+
+  @classmethod
+  def validate_config(cls, block, check: Check) -> None:
+    """Checks the block's fields with `check(ok, field, expected, found)` (field names are
+    relative to the block). The default checks every coefficient and warm-up field."""
+    for c in cls.COEFFICIENTS:
+      value = block[c.field]
+      if c.integer:
+        check(float(value) == int(value) and value >= 1, c.field, "an integer >= 1", value)
+      else:
+        check(np.isfinite(value) and value >= 0, c.field, "a finite number >= 0", value)
+      if c.warmup_field:
+        check(block[c.warmup_field] >= 0, c.warmup_field, ">= 0", block[c.warmup_field])
+
+  @classmethod
+  def with_coefficient_bound(cls, block, name: str, largest: float):
+    """The block to build a sweep's modules from when coefficient `name` goes up to `largest`
+    (integer coefficients are static sizes, e.g. top_k's k: they are set to the grid's max)."""
+    coef = cls.coefficient(name)
+    if not coef.integer:
+      return block
+    block = block.copy_and_resolve_references()
+    block[coef.field] = int(largest)
+    return block
+
+  @classmethod
+  def coefficient(cls, name: str) -> Coefficient:
+    for c in cls.COEFFICIENTS:
+      if c.name == name:
+        return c
+    raise ValueError(f"{cls.NAME} SAE has no coefficient {name!r}; "
+                     f"expected one of {[c.name for c in cls.COEFFICIENTS]}")
+
+  # --- math ---------------------------------------------------------------------------
+  def encode(self, x: jax.Array) -> jax.Array:
+    """Inference codes f(x): [batch, d_in] -> [batch, d_sae]."""
+    raise NotImplementedError
+
+  def decode(self, f: jax.Array) -> jax.Array:
+    """x_hat = f W_dec + b_dec: [batch, d_sae] -> [batch, d_in]."""
+    return f @ self.W_dec[...] + self.b_dec[...]
+
+  def loss_terms(self, x: jax.Array, coefficients: Mapping[str, jax.Array]):
+    """Training forward: ({term: scalar}, {'f': codes, 'x_hat': reconstruction, ...}).
+
+    Each term is a batch mean of per-token sums; the loss is their sum. `coefficients` maps
+    every name in COEFFICIENTS to its (possibly traced, warmed-up) value.
+    """
+    raise NotImplementedError
+
+  def update_statistics(self, out: Mapping[str, jax.Array]) -> None:
+    """After an optimiser step: update `Statistic` variables from loss_terms' outputs."""
+
+  # --- resampling (Bricken et al. 2023) ------------------------------------------------
+  def reinit_features(self, dead: jax.Array, directions: jax.Array, enc_norm: jax.Array) -> None:
+    """Dead features [d_sae] get decoder row = direction [d_sae, d_in], encoder column =
+    direction * enc_norm, and their per-feature parameters reset to initial values."""
+    raise NotImplementedError
+
+  def encoder_weight(self) -> jax.Array:
+    """The [d_in, d_sae] matrix whose column norms resampling uses."""
+    raise NotImplementedError
+
+  # --- SAELens interop -----------------------------------------------------------------
+  @classmethod
+  def to_saelens(cls, params: Mapping[str, np.ndarray], block) -> tuple[dict, dict]:
+    """(tensors, extra cfg.json fields) of the SAELens folder; params act on raw activations."""
+    raise NotImplementedError
+
+  @classmethod
+  def from_saelens(cls, tensors: Mapping[str, np.ndarray], cfg: Mapping) -> tuple[dict, dict]:
+    """(params in our names, block overrides) from a SAELens folder's tensors and cfg.json."""
+    raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- shared math
+
+def random_unit_rows(key: jax.Array, rows: int, cols: int, dtype=jnp.float32) -> jax.Array:
+  """[rows, cols] Gaussian matrix with each row scaled to unit L2 norm."""
+  w = jax.random.normal(key, (rows, cols), jnp.float32)
+  return (w / jnp.linalg.norm(w, axis=-1, keepdims=True)).astype(dtype)
+
+
+def centered_matmul(x: jax.Array, b_dec: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(x - b_dec) @ w split as (x @ w, b_dec @ w): [batch, d_sae] and [d_sae].
+
+  Folding b_dec @ w into the per-feature biases gives the same value, but b_dec's gradient becomes
+  a [d_sae] x [d_sae, d_in] product instead of a [batch, d_sae] x [d_sae, d_in] matmul (2 n M
+  FLOPs per token saved) and no centred [batch, d_in] copy of x is made.
+  """
+  return x @ w, b_dec @ w
+
+
+def sum_sq(v: jax.Array) -> jax.Array:
+  """Batch mean of the per-token squared L2 norm: [batch, d] -> scalar."""
+  return jnp.mean(jnp.sum(jnp.square(v), axis=-1))
+
+
+def reset_where(dead: jax.Array, value: jax.Array, to: float | jax.Array = 0.0) -> jax.Array:
+  """`value` [d_sae] with the dead features set to `to`."""
+  return jnp.where(dead, to, value)
+
+
+def resample_linear_pair(sae: SAE, encoder: str, dead: jax.Array, directions: jax.Array,
+                         enc_norm: jax.Array) -> None:
+  """The common part of resampling: decoder rows and the `encoder` weight's columns of the dead
+  features are set from `directions` [d_sae, d_in]."""
+  sae.W_dec[...] = jnp.where(dead[:, None], directions, sae.W_dec[...])
+  w = getattr(sae, encoder)
+  w[...] = jnp.where(dead[None, :], directions.T * enc_norm, w[...])
