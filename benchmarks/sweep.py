@@ -39,8 +39,8 @@ def _stepper(grid):
   c.sae.architecture, c.sae.d_sae, c.train.batch_size = _ARCH.value, _D_SAE.value, _BATCH.value
   c.sweep.grid = grid  # over the architecture's first coefficient
   mesh = sharding.make_mesh(1, 1)
-  tx = optim.make_optimizer(c.optim, c.train.steps)
   spec, rules = describe(c, _D_IN.value), tuple(map(tuple, c.mesh.rules))
+  tx = optim.make_optimizer(c.optim, c.train.steps, spec.architecture.UNIT_NORM_DECODER)
   state, shardings = create_train_state(spec, mesh, rules, tx)
   step, _ = compile_steps(spec, mesh, shardings, rules, tx, c.train.feature_window_tokens)
   return [state, step]

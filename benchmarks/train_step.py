@@ -61,8 +61,8 @@ def train_step_timer(architecture: str, d_in: int, d_sae: int, batch: int):
   c = base.get_config()
   c.sae.architecture, c.sae.d_sae, c.train.batch_size, c.train.steps = architecture, d_sae, batch, 1000
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.model)
-  tx = optim.make_optimizer(c.optim, c.train.steps)
   spec, rules = describe(c, d_in), tuple(map(tuple, c.mesh.rules))
+  tx = optim.make_optimizer(c.optim, c.train.steps, spec.architecture.UNIT_NORM_DECODER)
   state, shardings = create_train_state(spec, mesh, rules, tx)
   step, _ = compile_steps(spec, mesh, shardings, rules, tx, c.train.feature_window_tokens)
   x = jax.device_put(jax.random.normal(jax.random.key(2), (batch, d_in)),

@@ -153,8 +153,8 @@ def sae_plan(config, d_in: int, num_devices: int) -> Plan:
     raise PlanError(f"sae.d_sae={config.sae.d_sae}, train.batch_size={config.train.batch_size}: "
                     f"expected multiples of mesh model={shape['model']} and data={shape['data']}")
   rules = tuple(map(tuple, config.mesh.rules))
-  tx = optim.make_optimizer(config.optim, config.train.steps)
   spec = describe(config, d_in)
+  tx = optim.make_optimizer(config.optim, config.train.steps, spec.architecture.UNIT_NORM_DECODER)
   state, _, _ = abstract_train_state(spec, mesh, rules, tx)
   members = spec.members
   batch = config.train.batch_size

@@ -38,7 +38,7 @@ def load_trained(workdir: str, step: int | None = None) -> TrainedSAE:
   with open(os.path.join(workdir, "source.json")) as f:
     source = json.load(f)
   spec = describe(config, source["d_in"])
-  tx = optim.make_optimizer(config.optim, config.train.steps)
+  tx = optim.make_optimizer(config.optim, config.train.steps, spec.architecture.UNIT_NORM_DECODER)
   rules = tuple(map(tuple, config.mesh.rules))
   abstract = abstract_train_state(spec, sharding.make_mesh(1, 1), rules, tx)[0]
   _, state, _ = ckpt.restore(abstract, step)

@@ -69,6 +69,8 @@ class SAE(nnx.Module):
   DECODER_PRODUCTS: ClassVar[int]
   # The `architecture` of the SAELens folder this SAE exports to; None: no SAELens equivalent.
   SAELENS_ARCHITECTURE: ClassVar[str | None]
+  # Decoder rows kept at unit norm by the optimiser (gradient projection + renormalisation).
+  UNIT_NORM_DECODER: ClassVar[bool] = True
 
   # --- config -------------------------------------------------------------------------
   @classmethod
@@ -117,11 +119,14 @@ class SAE(nnx.Module):
     """x_hat = f W_dec + b_dec: [batch, d_sae] -> [batch, d_in]."""
     return f @ self.W_dec[...] + self.b_dec[...]
 
-  def loss_terms(self, x: jax.Array, coefficients: Mapping[str, jax.Array]):
+  def loss_terms(self, x: jax.Array, coefficients: Mapping[str, jax.Array],
+                 dead: jax.Array | None = None):
     """Training forward: ({term: scalar}, {'f': codes, 'x_hat': reconstruction, ...}).
 
     Each term is a batch mean of per-token sums; the loss is their sum. `coefficients` maps
-    every name in COEFFICIENTS to its (possibly traced, warmed-up) value.
+    every name in COEFFICIENTS to its (possibly traced, warmed-up) value. `dead` [d_sae] bool
+    marks the features that fired on no token of the last `train.feature_window_tokens`
+    (for dead-latent losses such as TopK's AuxK; None outside training).
     """
     raise NotImplementedError
 

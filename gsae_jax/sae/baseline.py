@@ -56,7 +56,8 @@ class BaselineSAE(SAE):
     xw, b_dec_w = centered_matmul(x, self.b_dec[...], self.W_enc[...])
     return jax.nn.relu(xw + (self.b_enc[...] - b_dec_w))
 
-  def loss_terms(self, x: jax.Array, coefficients: Mapping[str, jax.Array]):
+  def loss_terms(self, x: jax.Array, coefficients: Mapping[str, jax.Array],
+                 dead: jax.Array | None = None):
     """({reconstruct, sparsity}, {f, x_hat})."""
     f = self.encode(x)
     x_hat = self.decode(f)

@@ -102,7 +102,8 @@ class GatedSAE(SAE):
     """f(x) = H(pi_gate) * ReLU(pi_mag): [batch, d_in] -> [batch, d_sae]."""
     return self._features(*self.pre_activations(x))
 
-  def loss_terms(self, x: jax.Array, coefficients: Mapping[str, jax.Array]):
+  def loss_terms(self, x: jax.Array, coefficients: Mapping[str, jax.Array],
+                 dead: jax.Array | None = None):
     """({reconstruct, sparsity, aux}, {f, x_hat}); each term a batch mean of per-token sums."""
     pi_gate, pi_mag = self.pre_activations(x)
     f = self._features(pi_gate, pi_mag)

@@ -45,7 +45,7 @@ def train(config, mesh: Mesh, batches: BatchIterator, spec: SAESpec,
   """
   steps = config.train.steps
   rules = tuple(map(tuple, config.mesh.rules))
-  tx = optim.make_optimizer(config.optim, steps)
+  tx = optim.make_optimizer(config.optim, steps, spec.architecture.UNIT_NORM_DECODER)
   abstract, shardings, init_fn = abstract_train_state(spec, mesh, rules, tx)
   restored = checkpointer.restore(abstract, restore_step) if checkpointer else None
   if restored:

@@ -27,8 +27,10 @@ def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
   return piecewise_linear(optim_config.lr, total_steps, optim_config.warmup_steps, decay_steps)
 
 
-def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:
-  """Adam inside the unit-norm decoder projection / renormalisation."""
+def make_optimizer(optim_config, total_steps: int,
+                   unit_norm_decoder: bool = True) -> optax.GradientTransformation:
+  """Adam, inside the unit-norm decoder projection / renormalisation when the architecture
+  constrains its decoder (`SAE.UNIT_NORM_DECODER`)."""
   adam = optax.adam(learning_rate_schedule(optim_config, total_steps), b1=optim_config.b1,
                     b2=optim_config.b2, eps=optim_config.eps)
-  return with_unit_norm_decoder(adam)
+  return with_unit_norm_decoder(adam) if unit_norm_decoder else adam

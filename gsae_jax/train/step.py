@@ -21,8 +21,10 @@ from gsae_jax.train.state import TrainState
 def train_step(state: TrainState, x: jax.Array, coefficients: Mapping[str, jax.Array], *,
                graphdef, tx: optax.GradientTransformation, feature_window_tokens: int):
   """Returns (new_state, metrics) for one batch x [batch, d_in] at the named loss coefficients."""
+  dead = state.tokens_since_fired >= feature_window_tokens  # before this batch
+
   def loss_fn(params):
-    terms, out = nnx.merge(graphdef, params).loss_terms(x, coefficients)
+    terms, out = nnx.merge(graphdef, params).loss_terms(x, coefficients, dead)
     return sum(terms.values()), (terms, out)
 
   grads, (terms, out) = jax.grad(loss_fn, has_aux=True)(state.params)
