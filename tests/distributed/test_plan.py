@@ -19,11 +19,12 @@ from gsae_jax.train.state import abstract_train_state
 from gsae_jax.train.step import compile_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Runs the CLI in-process of a child and reports the child's peak RSS after it exits.
-_CHILD = ("import resource, runpy, sys; sys.argv = ['launch.train'] + sys.argv[1:]\n"
+# Runs the CLI in-process of a child and reports the child's peak RSS after it exits: VmHWM of
+# its own address space (ru_maxrss would carry over the forking pytest process's peak).
+_CHILD = ("import re, runpy, sys; sys.argv = ['launch.train'] + sys.argv[1:]\n"
           "try:\n  runpy.run_module('launch.train', run_name='__main__')\n"
-          "finally:\n  print('maxrss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
-          "flush=True)\n")
+          "finally:\n  hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())\n"
+          "  print('maxrss_kib', hwm.group(1), flush=True)\n")
 
 
 def _dry_run(tmp_path, *flags):
