@@ -19,6 +19,7 @@ def get_config():
   c.sae.d_sae = 512
   c.sae.gated.l1_coefficient = 0.1
   c.sae.baseline.l1_coefficient = 0.1
+  # Per-architecture settings for this data (true L0 = 4 of 256 features):
   c.optim.lr = 3e-3
   c.optim.warmup_steps = 100
   c.optim.decay_fraction = 0.2
