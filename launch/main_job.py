@@ -1,13 +1,15 @@
-r"""The main job: LM activations -> Gated and baseline SAEs -> evaluation -> export -> report.
+r"""The main job: LM activations -> SAEs of several architectures -> evaluation -> export -> report.
 
   python -m launch.main_job --config=experiments/gemma3_270m.py --out=runs/gemma3-270m
 
 Stages (re-running the same command resumes: finished harvests and training are skipped,
 evaluation, export and report are recomputed):
   1. harvest `train_tokens` activations, then `heldout_tokens` from the text windows after them;
-  2. train the Gated and baseline lambda grids (launch.sweep), one data pass per architecture;
+  2. train each architecture's coefficient grid (`sweep.grids`, as launch.sweep), one data pass
+     per architecture;
   3. evaluate every SAE on the held-out activations and by loss recovered on held-out text;
-  4. pick the Gated / baseline pair of closest L0, export both (.npz and SAELens);
+  4. compare the architectures at equal L0 (each frontier interpolated in log L0 at the middle
+     of the L0 range all cover), export each architecture's run nearest that L0 (.npz, SAELens);
   5. write `<out>/report.md` with tables and plots.
 """
 

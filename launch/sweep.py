@@ -1,10 +1,11 @@
-r"""Lambda sweeps of Gated and baseline SAEs on the same shards, with Pareto frontiers.
+r"""Coefficient sweeps of several SAE architectures on the same shards, with Pareto frontiers.
 
   python -m launch.sweep --config=experiments/sweep_gemma3_270m.py --out=DIR \
       --config.train.data.path=SHARDS --config.eval.shards_path=HELDOUT_SHARDS
 
-Each architecture trains its whole lambda grid in one data pass (`config.sweep.l1_coefficients`,
-a `jax.vmap` over the grid inside one jitted step), in `DIR/<architecture>/`. Every member is then
+Each architecture in `config.grids` trains its whole grid (values of its first named coefficient,
+or of `config.grid_coefficients.<architecture>`) in one data pass (`config.train.sweep`, a
+`jax.vmap` over the grid inside one jitted step), in `DIR/<architecture>/`. Every member is then
 evaluated on held-out activations and, with `eval.loss_recovered`, in the LM. Writes
 `DIR/results.json`, `DIR/report.md` and the PNG plots.
 """

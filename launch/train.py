@@ -1,7 +1,7 @@
 r"""Trains an SAE from an ml_collections config.
 
   python -m launch.train --config=experiments/synthetic.py --workdir=/tmp/gsae \
-      --config.sae.l1_coefficient=0.1
+      --config.sae.architecture=gated --config.sae.gated.l1_coefficient=0.1
 
 Prints progress and writes `metrics.jsonl` (one JSON object per log step) and `config.json` to
 the workdir; the final parameters go to `params.npz`. Checkpoints go to `<workdir>/checkpoints`;
