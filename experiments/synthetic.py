@@ -20,6 +20,11 @@ def get_config():
   c.sae.gated.l1_coefficient = 0.1
   c.sae.baseline.l1_coefficient = 0.1
   # Per-architecture settings for this data (true L0 = 4 of 256 features):
+  c.sae.jumprelu.l0_coefficient = 1.2
+  c.sae.jumprelu.l0_warmup_steps = 1000  # the paper's 10k steps are longer than this whole run
+  c.sae.topk.k = 4
+  c.sae.batchtopk.k = 4
+  c.sae.matryoshka.k = 4
   c.optim.lr = 3e-3
   c.optim.warmup_steps = 100
   c.optim.decay_fraction = 0.2

@@ -30,10 +30,16 @@ def _heaviside_bwd(mode, eps, clip, z, g):
   if mode == "straight_through":
     dh_dz = (jnp.abs(z) <= 1.0).astype(z.dtype) if clip else jnp.ones_like(z)
   elif mode == "rectangle":
-    dh_dz = (jnp.abs(z) < eps / 2).astype(z.dtype) / eps
+    dh_dz = rectangle(z, eps)
   else:
     raise ValueError(f"gate backward mode {mode!r}: expected one of {GATE_BACKWARD_MODES}")
   return (g * dh_dz,)
 
 
 heaviside.defvjp(_heaviside_fwd, _heaviside_bwd)
+
+
+def rectangle(z: jax.Array, eps: float) -> jax.Array:
+  """The rectangle kernel at bandwidth eps, K(z / eps) / eps with K(u) = 1[|u| < 1/2]: the
+  pseudo-derivative of H(z) (JumpReLU paper, Eqs. 11-12); also used by `sae/jumprelu.py`."""
+  return (jnp.abs(z) < eps / 2).astype(z.dtype) / eps

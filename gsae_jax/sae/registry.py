@@ -11,11 +11,19 @@ import ml_collections
 
 from gsae_jax.sae.base import SAE
 from gsae_jax.sae.baseline import BaselineSAE
+from gsae_jax.sae.batchtopk import BatchTopKSAE
 from gsae_jax.sae.gated import GatedSAE
+from gsae_jax.sae.jumprelu import JumpReLUSAE
+from gsae_jax.sae.matryoshka import MatryoshkaSAE
+from gsae_jax.sae.topk import TopKSAE
 
 ARCHITECTURES: dict[str, type[SAE]] = {cls.NAME: cls for cls in (
     GatedSAE,
     BaselineSAE,
+    JumpReLUSAE,
+    TopKSAE,
+    BatchTopKSAE,
+    MatryoshkaSAE,
 )}
 
 

@@ -1,0 +1,183 @@
+"""TopK SAE (Gao et al. 2024, arXiv 2406.04093) with the AuxK dead-latent loss.
+
+    pi = W_enc (x - b_pre) + b_enc       z = ReLU(TopK_k(pi))       x_hat = W_dec z + b_pre
+    e = sg(x - x_hat)    z_aux = ReLU(TopK_{k_aux}(pi on the dead latents))    e_hat = W_dec z_aux
+    L = ||x - x_hat||^2 + alpha ||e - e_hat||^2                  (b_pre is our b_dec)
+The paper's Eq. (3) prints z = TopK(W_enc (x - b_pre)), without b_enc or ReLU; its released
+training code (sparse_autoencoder/train.py) and SAELens' "topk" use ReLU(TopK(. + b_enc)), which
+is the default here; `eq3_literal=True` gives Eq. (3) as printed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from gsae_jax.sae.base import (SAE, Coefficient, centered_matmul, random_unit_rows, reset_where,
+                               resample_linear_pair, sum_sq)
+
+
+def kth_largest(values: jax.Array, k_static: int, k: int | jax.Array) -> jax.Array:
+  """The k-th largest entry along the last axis ([..., n] -> [..., 1]), k <= k_static.
+
+  One `lax.top_k` at the static size serves every k up to it: in a k sweep, k is a traced int32
+  per member, and `values >= kth_largest(values, K, k)` keeps exactly the ranks < k (ties aside),
+  the same set a top_k at k would.
+  """
+  top = jax.lax.top_k(jax.lax.stop_gradient(values), k_static)[0]  # sorted, descending
+  return jnp.take(top, jnp.asarray(k) - 1, axis=-1)[..., None]
+
+
+class TopKSAE(SAE):
+  """TopK SAE: exactly k latents per token (fewer where fewer than k pre-activations are > 0)."""
+
+  NAME = "topk"
+  LOGICAL_AXES = {
+      "W_enc": ("d_in", "features"),
+      "b_enc": ("features",),
+      "W_dec": ("features", "d_in"),
+      "b_dec": ("d_in",),
+  }
+  COEFFICIENTS = (
+      Coefficient("k", "k", integer=True, description="latents kept per token"),
+      Coefficient("aux_k", "aux_k_coefficient", description="alpha on the AuxK loss"),
+  )
+  # forward: encoder, decoder, AuxK decoder (2nM each); backward: encoder dW, decoder df and dW,
+  # AuxK decoder dz and dW (AuxK trains the dead latents' decoder rows too).
+  FLOPS_PER_TOKEN_PER_NM = 16
+  ACTIVATION_BUFFERS = 4  # fitted to XLA's memory_analysis (scripts: see tests/sae/test_topk.py)
+  DECODER_PRODUCTS = 2    # x_hat and AuxK's e_hat
+  SAELENS_ARCHITECTURE = "topk"
+
+  @classmethod
+  def aux_fields(cls) -> dict:
+    """The config fields TopK, BatchTopK and Matryoshka share (Gao et al.'s values)."""
+    return dict(
+        k=32,                       # latents per token (the paper's GPT-2 runs use 32)
+        k_aux=0,                    # dead latents in AuxK; 0: d_in // 2 (the paper: "a power of
+                                    # two close to d_model / 2"); capped at d_sae
+        aux_k_coefficient=1 / 32,   # alpha
+    )
+
+  @classmethod
+  def default_config(cls) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        **cls.aux_fields(),
+        eq3_literal=False,          # True: z = TopK(W_enc (x - b_pre)) as printed in Eq. (3): no
+                                    # b_enc, no ReLU (kept values may be < 0); no SAELens export
+    ))
+
+  @classmethod
+  def validate_config(cls, block, check) -> None:
+    super().validate_config(block, check)
+    check(float(block.k_aux) == int(block.k_aux) and block.k_aux >= 0, "k_aux",
+          "an integer >= 0 (0: d_in // 2)", block.k_aux)
+    if "eq3_literal" in block:  # TopK's own field (BatchTopK and Matryoshka select on ReLU(pi))
+      check(isinstance(block.eq3_literal, bool), "eq3_literal", "True or False",
+            block.eq3_literal)
+
+  def __init__(self, d_in: int, d_sae: int, block=None, *, rngs: nnx.Rngs,
+               dtype: Any = jnp.float32):
+    b = self.default_config() if block is None else block
+    self._init_weights(d_in, d_sae, b, encoder_bias=not b.eq3_literal, rngs=rngs, dtype=dtype)
+
+  def _init_weights(self, d_in: int, d_sae: int, b, *, encoder_bias: bool, rngs: nnx.Rngs,
+                    dtype: Any) -> None:
+    """Sizes from the block; the paper's init (A.1): unit-norm random decoder rows, the encoder
+    their transpose, zero biases (b_pre: `sae.init_b_dec`, the paper takes a geometric median)."""
+    self.k = int(b.k)
+    if not 1 <= self.k <= d_sae:
+      raise ValueError(f"sae.{self.NAME}.k={b.k}: expected an integer in [1, d_sae={d_sae}]")
+    self.k_aux = min(int(b.k_aux) or max(d_in // 2, 1), d_sae)
+    self.relu = encoder_bias  # both are absent only in Eq. (3) as printed
+    w_dec = random_unit_rows(rngs.params(), d_sae, d_in, dtype)
+    self.W_dec = nnx.Param(w_dec)
+    self.W_enc = nnx.Param(w_dec.T)
+    if encoder_bias:
+      self.b_enc = nnx.Param(jnp.zeros((d_sae,), dtype))
+    self.b_dec = nnx.Param(jnp.zeros((d_in,), dtype))
+
+  def pre_activations(self, x: jax.Array) -> jax.Array:
+    """pi = W_enc (x - b_dec) + b_enc: [batch, d_in] -> [batch, d_sae]."""
+    xw, b_dec_w = centered_matmul(x, self.b_dec[...], self.W_enc[...])
+    return xw + (self.b_enc[...] - b_dec_w) if self.relu else xw - b_dec_w
+
+  def _positive(self, pi: jax.Array) -> jax.Array:
+    # ReLU commutes with the selection (it only zeroes kept values that are <= 0), so selecting
+    # on ReLU(pi) gives ReLU(TopK(pi)) and lets BatchTopK share the code.
+    return jax.nn.relu(pi) if self.relu else pi
+
+  def select(self, a: jax.Array, k: int | jax.Array) -> jax.Array:
+    """The k largest entries of each token's a [batch, d_sae], the others zeroed."""
+    return jnp.where(a >= kth_largest(a, self.k, k), a, 0.0)
+
+  def encode(self, x: jax.Array) -> jax.Array:
+    """z = ReLU(TopK_k(pi)) at the module's k: [batch, d_in] -> [batch, d_sae]."""
+    return self.select(self._positive(self.pre_activations(x)), self.k)
+
+  def reconstruction(self, x: jax.Array, f: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(reconstruction loss term, x_hat): ||x - x_hat||^2."""
+    x_hat = self.decode(f)
+    return sum_sq(x - x_hat), x_hat
+
+  def aux_loss(self, e: jax.Array, pi: jax.Array, dead: jax.Array | None) -> jax.Array:
+    """||e - e_hat||^2 (A.2): the top-k_aux dead latents of each token reconstruct the main
+    model's error e [batch, d_in] through W_dec without b_dec. e gets no gradient (the released
+    code detaches it; the paper is silent), so AuxK trains only the dead latents (and b_dec
+    through their pre-activations)."""
+    if dead is None:
+      return jnp.zeros((), pi.dtype)
+    a = jnp.where(dead, self._positive(pi), -jnp.inf)
+    # With fewer than k_aux dead latents the k_aux-th value is -inf: `dead` keeps alive ones out.
+    z_aux = jnp.where(dead & (a >= kth_largest(a, self.k_aux, self.k_aux)), a, 0.0)
+    return sum_sq(jax.lax.stop_gradient(e) - z_aux @ self.W_dec[...])
+
+  def loss_terms(self, x: jax.Array, coefficients: Mapping[str, jax.Array],
+                 dead: jax.Array | None = None):
+    """({reconstruct, aux}, {f, x_hat}) at coefficients k (<= the module's k) and aux_k."""
+    pi = self.pre_activations(x)
+    f = self.select(self._positive(pi), coefficients["k"])
+    reconstruct, x_hat = self.reconstruction(x, f)
+    terms = {"reconstruct": reconstruct,
+             "aux": coefficients["aux_k"] * self.aux_loss(x - x_hat, pi, dead)}
+    return terms, {"f": f, "x_hat": x_hat}
+
+  def reinit_features(self, dead: jax.Array, directions: jax.Array, enc_norm: jax.Array) -> None:
+    resample_linear_pair(self, "W_enc", dead, directions, enc_norm)
+    if self.relu:
+      self.b_enc[...] = reset_where(dead, self.b_enc[...])
+
+  def encoder_weight(self) -> jax.Array:
+    return self.W_enc[...]
+
+  @classmethod
+  def to_saelens(cls, params, block):
+    # SAELens "topk": ReLU(TopK((x - b_dec) W_enc + b_enc)), the default here exactly.
+    if block.eq3_literal:
+      raise ValueError(f"SAELens 'topk' applies ReLU after TopK; sae.{cls.NAME}.eq3_literal=True "
+                       "keeps negative values: export it as .npz instead")
+    tensors = {k: params[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    return tensors, {"k": int(block.k), "rescale_acts_by_decoder_norm": False}
+
+  @classmethod
+  def linear_params_from_saelens(cls, tensors, cfg) -> dict[str, np.ndarray]:
+    """W_enc, b_enc, W_dec, b_dec; a folder trained with SAELens' rescale_acts_by_decoder_norm
+    (pre-activations times ||W_dec row||) gets the norms folded in: the same codes and
+    reconstructions with unit-norm decoder rows."""
+    params = {k: np.asarray(tensors[k]) for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    if cfg.get("rescale_acts_by_decoder_norm"):
+      norms = np.linalg.norm(params["W_dec"], axis=-1)
+      params["W_enc"] = params["W_enc"] * norms
+      params["b_enc"] = params["b_enc"] * norms
+      params["W_dec"] = params["W_dec"] / norms[:, None]
+    return params
+
+  @classmethod
+  def from_saelens(cls, tensors, cfg):
+    return cls.linear_params_from_saelens(tensors, cfg), {"k": int(cfg["k"]),
+                                                          "eq3_literal": False}

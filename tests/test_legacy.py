@@ -1,0 +1,105 @@
+"""Workdirs and exports written before the architecture registry (commit dd97206, see
+tests/fixtures/v1/README.md) still load, restore and export with today's code."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gsae_jax import export
+from gsae_jax.runs import exporting
+from gsae_jax.sae.spec import Sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures", "v1")
+
+
+@pytest.fixture(scope="module")
+def v1(tmp_path_factory):
+  """A copy of tests/fixtures/v1: nothing a test runs may write into the committed files."""
+  dest = tmp_path_factory.mktemp("legacy") / "v1"
+  shutil.copytree(FIXTURES, dest)
+  return dest
+
+
+def _assert_params_equal(params, saved):
+  assert sorted(params) == sorted(saved.files)
+  for k in saved.files:
+    np.testing.assert_array_equal(params[k], saved[k], err_msg=k)
+
+
+def test_gated_workdir_restores(v1):
+  trained = exporting.load_trained(str(v1 / "gated"))
+  assert trained.step == 4 and trained.spec.name == "gated" and trained.spec.sweep is None
+  _assert_params_equal(trained.params, np.load(v1 / "gated" / "params.npz"))
+  # The flat legacy `sae` block moved into `sae.gated`; lambda is synthetic.py's of that time.
+  assert trained.config.sae.gated.l1_coefficient == 0.1
+  assert trained.spec.coefficient_values() == {"l1": 0.1}
+  assert trained.spec.block.tie_r_mag and trained.spec.block.gate_backward == "zero"
+  earlier = exporting.load_trained(str(v1 / "gated"), step=2)
+  assert earlier.step == 2
+  assert not np.array_equal(earlier.params["W_gate"], trained.params["W_gate"])
+
+
+def test_baseline_sweep_workdir_restores(v1):
+  trained = exporting.load_trained(str(v1 / "baseline_sweep"))
+  assert trained.step == 4 and trained.spec.name == "baseline"
+  assert trained.spec.sweep == Sweep("l1", (0.5, 2.0)) and trained.spec.members == 2
+  assert [m["l1"] for m in trained.spec.member_coefficients()] == [0.5, 2.0]
+  assert trained.params["W_dec"].shape == (2, 64, 16)
+  _assert_params_equal(trained.params, np.load(v1 / "baseline_sweep" / "params.npz"))
+
+
+def _export_cli(workdir, *flags):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return subprocess.run([sys.executable, "-m", "launch.export", f"--workdir={workdir}", *flags],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_export_cli_on_gated_workdir(v1, tmp_path):
+  workdir = tmp_path / "gated"
+  shutil.copytree(v1 / "gated", workdir)
+  proc = _export_cli(workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  params, meta, spec = export.load_npz(str(workdir / "export" / "sae.npz"))
+  assert meta["architecture"] == spec.name == "gated" and meta["step"] == 4
+  _assert_params_equal(params, np.load(workdir / "params.npz"))
+  # Today's export of the old workdir holds what the old export held.
+  _assert_params_equal(params, np.load(v1 / "gated_export" / "sae.npz"))
+  cfg = json.load(open(workdir / "export" / "saelens" / "cfg.json"))
+  assert cfg["architecture"] == "gated" and cfg["metadata"]["gsae_jax_architecture"] == "gated"
+
+
+def test_export_cli_on_sweep_workdir_member(v1, tmp_path):
+  workdir = tmp_path / "baseline_sweep"
+  shutil.copytree(v1 / "baseline_sweep", workdir)
+  proc = _export_cli(workdir, "--member=1")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  params, meta, spec = export.load_npz(str(workdir / "export" / "sae.npz"))
+  assert spec.name == "baseline" and spec.sweep is None
+  assert meta["architecture_config"]["l1_coefficient"] == 2.0
+  saved = np.load(workdir / "params.npz")
+  for k in saved.files:
+    np.testing.assert_array_equal(params[k], saved[k][1], err_msg=k)
+
+
+def test_old_export_loads_as_gated(v1):
+  folder = v1 / "gated_export"
+  params, meta, spec = export.load_npz(str(folder / "sae.npz"))
+  assert "architecture" not in json.load(open(folder / "sae.json"))  # really the old format
+  assert spec.name == meta["architecture"] == "gated"
+  assert spec.block.tie_r_mag and spec.block.l1_coefficient == 0.1
+  _assert_params_equal(params, np.load(v1 / "gated" / "params.npz"))
+
+  cfg_old = json.load(open(folder / "saelens" / "cfg.json"))
+  assert "gsae_jax_architecture" not in cfg_old["metadata"]
+  back, cfg, sl_spec = export.load_saelens(str(folder / "saelens"),
+                                           scale=meta["normalisation_scale"])
+  assert sl_spec.name == "gated" and cfg["architecture"] == "gated"
+  assert sorted(back) == sorted(params)
+  for k in params:
+    np.testing.assert_allclose(back[k], params[k], rtol=1e-6, atol=1e-6, err_msg=k)
