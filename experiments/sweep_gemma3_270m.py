@@ -1,4 +1,5 @@
-"""Gated vs baseline lambda sweep on Gemma 3 270M layer-6 residual-stream shards (CPU-sized).
+"""Gated, baseline, JumpReLU and TopK sweeps on Gemma 3 270M layer-6 residual-stream shards
+(CPU-sized: a few hundred steps per architecture).
 
     python -m launch.sweep --config=experiments/sweep_gemma3_270m.py --out=runs/sweep \\
         --config.train.data.path=SHARDS --config.eval.shards_path=HELDOUT \\
@@ -20,6 +21,10 @@ def get_config() -> ml_collections.ConfigDict:
   t.optim.decay_fraction = 0.2
   for block in (t.sae.gated, t.sae.baseline):
     block.l1_warmup_steps = 50
+  t.sae.jumprelu.l0_warmup_steps = 50  # the paper's 10k steps are longer than these runs
+  # A short run moves log(theta) by at most ~lr per step (Adam), so theta must start near the
+  # pre-activations' scale: 0.04 (paper units, x sqrt(d_in) = 1.0 here) instead of 0.001.
+  t.sae.jumprelu.init_threshold = 0.04
   t.train.batch_size = 1024
   t.train.steps = 600
   t.train.log_every = 50
@@ -27,10 +32,13 @@ def get_config() -> ml_collections.ConfigDict:
   t.checkpoint.save_every = 200
   c.train = t
 
-  # architecture -> values of its first named coefficient (lambda for Gated and baseline)
+  # architecture -> values of its first named coefficient (lambda for Gated and the baseline, the
+  # L0 coefficient for JumpReLU, k for TopK), chosen so that the L0 ranges overlap
   c.grids = ml_collections.ConfigDict()
-  c.grids.gated = (0.5, 1.0, 2.0)     # lambdas on normalised activations (E||x||^2 = d_model)
-  c.grids.baseline = (1.0, 2.0, 4.0)
+  c.grids.gated = (1.0, 2.0, 4.0)     # lambdas on normalised activations (E||x||^2 = d_model)
+  c.grids.baseline = (0.5, 1.0, 2.0)
+  c.grids.jumprelu = (0.03, 0.3, 3.0)
+  c.grids.topk = (8, 20, 50)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.shards_path = ""             # held-out activations ('' = skip activation metrics)
