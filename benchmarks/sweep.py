@@ -31,7 +31,7 @@ _D_SAE = flags.DEFINE_integer("d_sae", 2048, "Dictionary size M.")
 _BATCH = flags.DEFINE_integer("batch", 1024, "Tokens per step.")
 _MEMBERS = flags.DEFINE_integer("members", 3, "Lambdas in the grid.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per variant (the best one counts).")
-_ARCH = flags.DEFINE_enum("architecture", "gated", registry.names(), "SAE architecture.")
+_ARCH = flags.DEFINE_enum("architecture", registry.names()[0], registry.names(), "SAE architecture.")
 
 
 def _stepper(grid):

@@ -33,7 +33,7 @@ _D_IN = flags.DEFINE_integer("d_in", 640, "Activation size n.")
 _D_SAE = flags.DEFINE_integer("d_sae", 10240, "Dictionary size M.")
 _BATCH = flags.DEFINE_integer("batch", 4096, "Tokens per step.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per round (the best one counts).")
-_ARCH = flags.DEFINE_enum("architecture", "gated", registry.names(), "SAE architecture.")
+_ARCH = flags.DEFINE_enum("architecture", registry.names()[0], registry.names(), "SAE architecture.")
 _PEAK_SIZE = flags.DEFINE_integer("peak_size", 4096, "Square matmul size for the peak.")
 _ROUNDS = flags.DEFINE_integer("rounds", 4, "Interleaved rounds of (peak matmuls, train steps).")
 
