@@ -160,7 +160,11 @@ def load_saelens(folder: str, scale: float = 1.0) -> tuple[dict[str, np.ndarray]
   if cfg.get("normalize_activations", "none") not in ("none", None):
     raise ValueError(f"{folder}/cfg.json: normalize_activations="
                      f"{cfg['normalize_activations']!r} is not supported; expected 'none'")
-  params, block = cls.from_saelens(tensors, cfg)
+  try:
+    params, block = cls.from_saelens(tensors, cfg)
+  except (KeyError, ValueError) as e:
+    raise ValueError(f"{folder}: not a loadable SAELens {cfg.get('architecture')!r} SAE: "
+                     f"{e}") from None
   block = {**(meta.get("gsae_jax_architecture_config") or {}), **block}
   d_sae, d_in = np.shape(params["W_dec"])
   spec = from_metadata({"architecture": cls.NAME, "d_in": int(d_in), "d_sae": int(d_sae),

@@ -36,7 +36,9 @@ class MatryoshkaSAE(BatchTopKSAE):
 
   NAME = "matryoshka"
   # The per-prefix decodes are one f @ W_dec split into groups: the FLOPs stay BatchTopK's.
-  ACTIVATION_BUFFERS = 4  # fitted to XLA's memory_analysis
+  # Fitted to XLA's memory_analysis (k ~ 7.6-10.1 on the three meshes): slicing the sharded
+  # feature axis into prefix groups reshards f, two buffers more than BatchTopK.
+  ACTIVATION_BUFFERS = 9
   DECODER_PRODUCTS = 6    # the 5 default groups' partial decodes (stacked) and AuxK's e_hat
 
   @classmethod

@@ -22,15 +22,33 @@ from gsae_jax.sae.base import (SAE, Coefficient, centered_matmul, random_unit_ro
                                resample_linear_pair, sum_sq)
 
 
-def kth_largest(values: jax.Array, k_static: int, k: int | jax.Array) -> jax.Array:
-  """The k-th largest entry along the last axis ([..., n] -> [..., 1]), k <= k_static.
+def _order_key(values: jax.Array) -> jax.Array:
+  """uint32 keys with the order of the float32 values (sign-magnitude bits made monotone)."""
+  bits = jax.lax.bitcast_convert_type(values.astype(jnp.float32), jnp.uint32)
+  return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
 
-  One `lax.top_k` at the static size serves every k up to it: in a k sweep, k is a traced int32
-  per member, and `values >= kth_largest(values, K, k)` keeps exactly the ranks < k (ties aside),
-  the same set a top_k at k would.
+
+def top_k_mask(values: jax.Array, k: int | jax.Array, per_row: bool = True) -> jax.Array:
+  """True at the k largest entries of each row of values [batch, n] (per_row) or of the whole
+  array (not per_row); ties with the k-th value are kept too.
+
+  The k-th largest key is found bit by bit from the top (32 counting passes): exact for any k,
+  a traced int32 included (a k sweep's members select at their own k in one compiled step), and
+  each pass is an elementwise compare and a sum, so a feature-sharded [batch, d_sae] stays
+  sharded. lax.top_k instead makes XLA all-gather the rows (10-16 shard buffers measured on
+  meshes (2, 4), (4, 2), (1, 8)) and, over the whole batch, sort batch x d_sae values.
   """
-  top = jax.lax.top_k(jax.lax.stop_gradient(values), k_static)[0]  # sorted, descending
-  return jnp.take(top, jnp.asarray(k) - 1, axis=-1)[..., None]
+  key = _order_key(jax.lax.stop_gradient(values))
+  axis = -1 if per_row else None
+
+  def set_bit(i, t):
+    candidate = t | (jnp.uint32(1 << 31) >> i.astype(jnp.uint32))
+    count = jnp.sum(key >= (candidate[..., None] if per_row else candidate), axis=axis)
+    return jnp.where(count >= k, candidate, t)
+
+  t = jnp.zeros(values.shape[:-1] if per_row else (), jnp.uint32)
+  t = jax.lax.fori_loop(0, 32, set_bit, t)
+  return key >= (t[..., None] if per_row else t)
 
 
 class TopKSAE(SAE):
@@ -50,7 +68,7 @@ class TopKSAE(SAE):
   # forward: encoder, decoder, AuxK decoder (2nM each); backward: encoder dW, decoder df and dW,
   # AuxK decoder dz and dW (AuxK trains the dead latents' decoder rows too).
   FLOPS_PER_TOKEN_PER_NM = 16
-  ACTIVATION_BUFFERS = 4  # fitted to XLA's memory_analysis (scripts: see tests/sae/test_topk.py)
+  ACTIVATION_BUFFERS = 6  # fitted to XLA's memory_analysis (k ~ 5.5-6.3 on the three meshes)
   DECODER_PRODUCTS = 2    # x_hat and AuxK's e_hat
   SAELENS_ARCHITECTURE = "topk"
 
@@ -114,7 +132,7 @@ class TopKSAE(SAE):
 
   def select(self, a: jax.Array, k: int | jax.Array) -> jax.Array:
     """The k largest entries of each token's a [batch, d_sae], the others zeroed."""
-    return jnp.where(a >= kth_largest(a, self.k, k), a, 0.0)
+    return jnp.where(top_k_mask(a, k), a, 0.0)
 
   def encode(self, x: jax.Array) -> jax.Array:
     """z = ReLU(TopK_k(pi)) at the module's k: [batch, d_in] -> [batch, d_sae]."""
@@ -134,12 +152,13 @@ class TopKSAE(SAE):
       return jnp.zeros((), pi.dtype)
     a = jnp.where(dead, self._positive(pi), -jnp.inf)
     # With fewer than k_aux dead latents the k_aux-th value is -inf: `dead` keeps alive ones out.
-    z_aux = jnp.where(dead & (a >= kth_largest(a, self.k_aux, self.k_aux)), a, 0.0)
+    z_aux = jnp.where(dead & top_k_mask(a, self.k_aux), a, 0.0)
     return sum_sq(jax.lax.stop_gradient(e) - z_aux @ self.W_dec[...])
 
   def loss_terms(self, x: jax.Array, coefficients: Mapping[str, jax.Array],
                  dead: jax.Array | None = None):
-    """({reconstruct, aux}, {f, x_hat}) at coefficients k (<= the module's k) and aux_k."""
+    """({reconstruct, aux}, {f, x_hat}) at coefficients k and aux_k; in a k sweep, k is the
+    member's traced value and the module's own k (the grid's largest) is unused."""
     pi = self.pre_activations(x)
     f = self.select(self._positive(pi), coefficients["k"])
     reconstruct, x_hat = self.reconstruction(x, f)
