@@ -35,7 +35,8 @@ def shared_l0(frontiers: Iterable[Sequence[float]]) -> float | None:
 
 
 def compare_at_equal_l0(runs: Sequence[dict], keys: Sequence[str]) -> dict:
-  """{'l0': shared L0 or None, 'architectures': {arch: {'nearest': run, key: value, ...}}}.
+  """{'l0': shared L0 or None, 'anchor_l0': the L0 runs are picked nearest to,
+  'architectures': {arch: {'nearest': run, key: value, ...}}}.
 
   For each architecture: the metrics `keys` interpolated at the shared L0 (None outside its
   frontier), and its run nearest in log L0 (the one to export). Without an overlap, each
@@ -56,4 +57,4 @@ def compare_at_equal_l0(runs: Sequence[dict], keys: Sequence[str]) -> dict:
       entry[key] = (interpolate_at_l0([(r["l0"], r.get(key)) for r in rs], target)
                     if target else None)
     out[arch] = entry
-  return {"l0": target, "architectures": out}
+  return {"l0": target, "anchor_l0": anchor, "architectures": out}

@@ -67,7 +67,7 @@ def run_main(c, out: str) -> dict:
 
   summary = {**{arch: evaluation.public(e["nearest"])
                 for arch, e in matched["architectures"].items()},
-             "matched": {"l0": matched["l0"], "interpolated": {
+             "matched": {"l0": matched["l0"], "anchor_l0": matched["anchor_l0"], "interpolated": {
                  arch: {k: e[k] for k in COMPARED} for arch, e in matched["architectures"].items()}},
              "exported": exported,
              "timings_s": timings, "train_tokens": manifest["token_count"],

@@ -26,7 +26,7 @@ def test_compare_at_equal_l0_interpolates_each_architecture_and_picks_nearest():
           {"architecture": "b", "l0": 2.0, "fvu": 0.5}, {"architecture": "b", "l0": 32.0, "fvu": 0.1},
           {"architecture": "b", "l0": 0.0, "fvu": 1.0}]  # a dead SAE is left out
   out = frontier.compare_at_equal_l0(runs, ["fvu"])
-  assert out["l0"] == pytest.approx(8.0)
+  assert out["l0"] == pytest.approx(8.0) == out["anchor_l0"]
   assert out["architectures"]["a"]["fvu"] == pytest.approx(0.3)
   assert out["architectures"]["b"]["fvu"] == pytest.approx(0.5 - 0.4 * math.log(4) / math.log(16))
   assert out["architectures"]["a"]["nearest"]["l0"] in (4.0, 16.0)

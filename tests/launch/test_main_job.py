@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from experiments import sweep_gemma3_270m
 from gsae_jax import export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,9 +48,13 @@ def test_main_job_writes_report_exports_and_plots(main_job):
                 "dead_fraction", "dense_fraction"):
       assert np.isfinite(run[key]), key
   results = json.loads((out / "sweep" / "results.json").read_text())
-  assert len(results) == 6
-  # each exported run is its architecture's nearest (in log L0) to the shared comparison L0
-  target = summary["matched"]["l0"]
+  grids = sweep_gemma3_270m.get_config().grids
+  assert len(results) == sum(len(g) for g in grids.values())
+  assert {r["architecture"] for r in results} == set(grids) == set(summary["exported"])
+  # each exported run is its architecture's nearest (in log L0) to the comparison L0 (the shared
+  # L0, or without an overlap of the L0 ranges the geometric mean of all L0s)
+  target = summary["matched"]["anchor_l0"]
+  assert summary["matched"]["l0"] in (None, target)
   for run in (g, b):
     same = [r["l0"] for r in results if r["architecture"] == run["architecture"]]
     assert abs(np.log(run["l0"] / target)) == pytest.approx(min(abs(np.log(l / target)) for l in same))
@@ -74,7 +79,7 @@ def test_evaluate_cli_on_a_sweep_workdir(main_job, tiny_lm):
   proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
   evals = json.loads((out / "sweep" / "gated" / "eval.json").read_text())
-  assert [e["coefficients"]["l1"] for e in evals] == [0.5, 1.0, 2.0]
+  assert [e["coefficients"]["l1"] for e in evals] == list(sweep_gemma3_270m.get_config().grids.gated)
   swept = {r["coefficients"]["l1"]: r for r in json.loads((out / "sweep" / "results.json").read_text())
            if r["architecture"] == "gated"}
   for e in evals:  # the same SAEs and held-out data give the same numbers as the sweep's
