@@ -196,5 +196,12 @@ class JumpReLUSAE(SAE):
           f"values <= 0 (min {float(threshold.min()):g})")
     params = {k: np.asarray(tensors[k]) for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
     params["log_threshold"] = np.log(threshold.astype(np.float64)).astype(threshold.dtype)
-    # load_saelens accepts only apply_b_dec_to_input=true folders: b_dec is subtracted first.
-    return params, {"pre_encoder_bias": True}
+    # load_saelens accepts only apply_b_dec_to_input=true folders (b_dec is subtracted first).
+    # A folder we exported from the paper's Eq. 8 form says so in its metadata: unfold b_enc.
+    ours = ((cfg.get("metadata") or {}).get("gsae_jax_architecture_config") or {})
+    pre_encoder_bias = bool(ours.get("pre_encoder_bias", True))
+    if not pre_encoder_bias:
+      params["b_enc"] = (params["b_enc"].astype(np.float64)
+                         - params["b_dec"].astype(np.float64) @ params["W_enc"].astype(np.float64)
+                         ).astype(params["b_enc"].dtype)
+    return params, {"pre_encoder_bias": pre_encoder_bias}
