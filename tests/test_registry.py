@@ -24,6 +24,7 @@ from gsae_jax.sae import registry
 from gsae_jax.sae.spec import describe
 from gsae_jax.train.loop import train
 from tests.distributed.test_plan import assert_plan_agrees_with_xla
+from tests.saelens_check import assert_saelens_matches_ours
 
 NAMES = registry.names()
 SCALE = 2.5  # normalisation constant folded into SAELens exports
@@ -191,8 +192,6 @@ def _saelens_metadata():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_export_round_trips(tiny_config, tmp_path, name):
-  from sae_lens import SAE
-
   cls, spec = registry.get(name), _spec(tiny_config, name)
   params = _perturbed(spec)
   export.save_npz(str(tmp_path / "sae.npz"), params, spec, {"normalisation_scale": SCALE})
@@ -216,17 +215,7 @@ def test_export_round_trips(tiny_config, tmp_path, name):
   assert cfg["architecture"] == cls.SAELENS_ARCHITECTURE
   assert cfg["metadata"]["gsae_jax_architecture"] == name
 
-  sae = SAE.load_from_disk(folder)
-  x_raw = _raw_activations(spec.d_in)
-  ours = nnx.merge(spec.graphdef, params)
-  f_ours = np.asarray(ours.encode(SCALE * x_raw))
-  x_hat_ours = np.asarray(ours.decode(f_ours)) / SCALE
-  with torch.no_grad():
-    f_theirs = sae.encode(torch.from_numpy(x_raw))
-    x_hat_theirs = sae.decode(f_theirs)
-  assert 0 < np.mean(f_ours > 0) < 1
-  np.testing.assert_allclose(f_theirs.numpy(), f_ours, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(x_hat_theirs.numpy(), x_hat_ours, rtol=1e-5, atol=1e-5)
+  assert_saelens_matches_ours(folder, spec, params, SCALE, _raw_activations(spec.d_in))
 
   back, back_cfg, back_spec = export.load_saelens(folder, scale=SCALE)
   assert back_spec.name == name and back_spec.block == spec.block

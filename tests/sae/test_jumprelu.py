@@ -8,13 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from gsae_jax import export
 from gsae_jax.sae.jumprelu import JumpReLUSAE, jumprelu, step
 from gsae_jax.sae.spec import from_metadata
+from tests.saelens_check import assert_saelens_matches_ours
 
 D_IN, D_SAE, BATCH = 4, 6, 8
 LAM = 0.7
@@ -225,23 +225,14 @@ def _exported(tmp_path, **block):
 
 @pytest.mark.parametrize("pre_encoder_bias", [True, False])
 def test_saelens_encode_decode_equal_ours_on_raw_activations(tmp_path, pre_encoder_bias):
-  from sae_lens import SAE
 
   spec, params, folder = _exported(tmp_path, pre_encoder_bias=pre_encoder_bias)
   assert json.load(open(f"{folder}/cfg.json"))["architecture"] == "jumprelu"
   np.testing.assert_allclose(load_file(f"{folder}/sae_weights.safetensors")["threshold"],
                              np.exp(params["log_threshold"]), rtol=1e-6)
-  sae = SAE.load_from_disk(folder)
   x_raw = np.random.default_rng(0).normal(size=(32, 12)).astype(np.float32) / SCALE + 0.1
-  ours = nnx.merge(spec.graphdef, params)
-  f_ours = np.asarray(ours.encode(SCALE * x_raw))
-  x_hat_ours = np.asarray(ours.decode(f_ours)) / SCALE
-  with torch.no_grad():
-    f_theirs = sae.encode(torch.from_numpy(x_raw))
-    x_hat_theirs = sae.decode(f_theirs)
+  f_ours = assert_saelens_matches_ours(folder, spec, params, SCALE, x_raw)
   assert 0.1 < np.mean(f_ours > 0) < 0.9
-  np.testing.assert_allclose(f_theirs.numpy(), f_ours, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(x_hat_theirs.numpy(), x_hat_ours, rtol=1e-5, atol=1e-5)
 
   back, _, back_spec = export.load_saelens(folder, scale=SCALE)
   # our own folder comes back in the form it was trained in (Eq. 8's b_enc unfolded again)

@@ -9,13 +9,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
 from gsae_jax import export
 from gsae_jax.sae import registry
 from gsae_jax.sae.spec import from_metadata
 from gsae_jax.sae.topk import TopKSAE, top_k_mask
+from tests.saelens_check import assert_saelens_matches_ours
 
 D_IN, D_SAE, BATCH = 16, 64, 32
 
@@ -46,7 +46,6 @@ def pre_activations(p, x) -> np.ndarray:
 def assert_saelens_round_trip(tmp_path, arch: str, **fields) -> dict:
   """sae_lens.SAE.load_from_disk of our export encodes and decodes raw activations as we do
   (within 1e-5), and load_saelens gives our parameters back; returns the folder's cfg.json."""
-  from sae_lens import SAE
 
   d_in, d_sae, scale = 12, 40, 2.5
   spec = from_metadata({"architecture": arch, "d_in": d_in, "d_sae": d_sae,
@@ -55,17 +54,8 @@ def assert_saelens_round_trip(tmp_path, arch: str, **fields) -> dict:
   params = {k: np.asarray(v) for k, v in params.items()}
   folder = str(tmp_path / "sl")
   export.save_saelens(folder, params, spec, scale=scale, metadata={})
-  theirs = SAE.load_from_disk(folder)
   x_raw = np.random.default_rng(0).normal(size=(32, d_in)).astype(np.float32) / scale + 0.1
-  ours = nnx.merge(graphdef, params)
-  f_ours = np.asarray(ours.encode(scale * x_raw))
-  x_hat_ours = np.asarray(ours.decode(f_ours)) / scale
-  with torch.no_grad():
-    f_theirs = theirs.encode(torch.from_numpy(x_raw))
-    x_hat_theirs = theirs.decode(f_theirs)
-  assert 0 < np.mean(f_ours > 0) < 1
-  np.testing.assert_allclose(f_theirs.numpy(), f_ours, atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(x_hat_theirs.numpy(), x_hat_ours, atol=1e-5, rtol=1e-5)
+  assert_saelens_matches_ours(folder, spec, params, scale, x_raw)
   back, cfg, back_spec = export.load_saelens(folder, scale=scale)
   assert back_spec.name == arch and back_spec.block == spec.block
   assert back.keys() == params.keys()
