@@ -63,7 +63,7 @@ class SAESpec:
     return nnx.to_pure_dict(nnx.split(self.build())[1])
 
   def coefficient_values(self) -> dict[str, float]:
-    """Each coefficient's configured value (a sweep's coefficient takes its member's value)."""
+    """Each coefficient's value in the block (for a swept one, see `member_coefficients`)."""
     return {c.name: self.block[c.field] for c in self.architecture.COEFFICIENTS}
 
   def sweep_values(self) -> jax.Array | None:
