@@ -81,7 +81,7 @@ def upgrade_legacy(config: dict) -> dict:
     return config
   config = copy.deepcopy(config)
   sae = config["sae"]
-  arch = sae.get("architecture", "gated")
+  arch = sae["architecture"]  # every earlier config had it
   block = registry.get(arch).default_config().to_dict()
   for k in _LEGACY_SAE_FIELDS:
     if k in sae:

@@ -3,7 +3,7 @@
 Only safe formats: `.npz` of plain arrays (loaded with allow_pickle=False), safetensors, JSON.
 The architecture is written into every export (`sae.json`: `architecture`, `architecture_config`;
 SAELens `cfg.json`: `architecture` plus `metadata.gsae_jax_architecture`) and read back from
-there; only exports written before it was recorded fall back to the parameter names.
+there; `sae.json` files of earlier versions give it through their training config.
 Our SAEs act on normalised activations c * x_raw (GATED_SAE.md section 4); the SAELens export
 folds c in so that it acts on raw activations: for x_norm = c x_raw,
     (c x - b_dec) W + b = (x - b_dec / c)(c W) + b    and    x_hat_raw = f (W_dec / c) + b_dec / c.
@@ -25,12 +25,6 @@ from gsae_jax.sae.spec import SAESpec, from_metadata
 
 SAELENS_HOOKS = {"resid_pre": "hook_resid_pre", "resid_post": "hook_resid_post",
                  "mlp_out": "hook_mlp_out", "attn_out": "hook_attn_out", "attn_z": "attn.hook_z"}
-# Parameter names of the two architectures exports had before the architecture was recorded.
-_LEGACY_NAMES = {
-    ("W_gate", "r_mag", "b_gate", "b_mag", "W_dec", "b_dec"): ("gated", {"tie_r_mag": True}),
-    ("W_gate", "W_mag", "b_gate", "b_mag", "W_dec", "b_dec"): ("gated", {"tie_r_mag": False}),
-    ("W_enc", "b_enc", "W_dec", "b_dec"): ("baseline", {}),
-}
 
 
 def fold_input_scale(params: Mapping[str, np.ndarray], scale: float,
@@ -87,15 +81,17 @@ def load_npz(path: str) -> tuple[dict[str, np.ndarray], dict, SAESpec]:
 
 
 def _legacy_metadata(params: Mapping[str, np.ndarray], metadata: Mapping, path: str) -> dict:
-  """Architecture fields for an export written before they were recorded: from the parameter
-  names (only Gated and the baseline existed then) and the saved training config."""
-  key = next((names for names in _LEGACY_NAMES if set(names) == set(params)), None)
-  if key is None:
-    raise ValueError(f"{path}: no 'architecture' in its .json sidecar and parameters "
-                     f"{sorted(params)} are not of an earlier gsae_jax export")
-  arch, block = _LEGACY_NAMES[key]
-  config = configs.upgrade_legacy(metadata.get("config") or {"sae": {"architecture": arch}})
-  block = {**config["sae"].get(arch, {}), **block}
+  """Architecture fields for an export of an earlier version: its sidecar recorded the
+  architecture (the main job's `architecture`, launch.export's `config.sae.architecture`) and the
+  training config, whose flat `sae` block `configs.upgrade_legacy` reads. Never guessed from
+  parameter names (a TopK SAE has the baseline's)."""
+  config = dict(metadata.get("config") or {})
+  arch = metadata.get("architecture") or (config.get("sae") or {}).get("architecture")
+  if not arch:
+    raise ValueError(f"{path}: its .json sidecar records no 'architecture' (nor "
+                     f"config.sae.architecture); expected one of {registry.names()}")
+  config["sae"] = {**(config.get("sae") or {}), "architecture": arch}
+  block = configs.upgrade_legacy(config)["sae"].get(arch, {})
   d_sae, d_in = params["W_dec"].shape
   return {"architecture": arch, "d_in": int(d_in), "d_sae": int(d_sae),
           "architecture_config": block}
@@ -119,8 +115,6 @@ def save_saelens(folder: str, params: Mapping[str, np.ndarray], spec: SAESpec, *
   `metadata` may hold model_name, hook_name, context_size, prepend_bos and anything else.
   """
   cls = spec.architecture
-  if cls.SAELENS_ARCHITECTURE is None:
-    raise ValueError(f"SAELens has no {spec.name} SAE; export it as .npz instead")
   check_params(params, spec, folder)
   tensors, extra_cfg = cls.to_saelens(fold_input_scale(params, scale, spec.logical_axes),
                                       spec.block)

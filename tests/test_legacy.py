@@ -103,3 +103,15 @@ def test_old_export_loads_as_gated(v1):
   assert sorted(back) == sorted(params)
   for k in params:
     np.testing.assert_allclose(back[k], params[k], rtol=1e-6, atol=1e-6, err_msg=k)
+
+
+def test_old_export_without_a_recorded_architecture_is_refused(v1, tmp_path):
+  """The architecture comes from what the sidecar recorded, never from parameter names (a TopK
+  SAE has the baseline's): a sidecar that recorded none is refused, naming the file."""
+  shutil.copy(v1 / "gated_export" / "sae.npz", tmp_path / "sae.npz")
+  meta = json.load(open(v1 / "gated_export" / "sae.json"))
+  meta["config"]["sae"].pop("architecture")
+  json.dump(meta, open(tmp_path / "sae.json", "w"))
+  with pytest.raises(ValueError, match="records no 'architecture'") as e:
+    export.load_npz(str(tmp_path / "sae.npz"))
+  assert str(tmp_path / "sae.npz") in str(e.value)

@@ -69,4 +69,5 @@ def evaluate_runs(runs: list[dict], scale: float, eval_shards: str | None, max_t
 
 def public(run: dict) -> dict:
   """The JSON-able part of a run dict."""
-  return {k: v for k, v in run.items() if k not in ("spec", "params", "log10_density")}
+  return {k: v for k, v in run.items()
+          if k not in ("spec", "params", "log10_density", "train_config")}

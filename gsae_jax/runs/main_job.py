@@ -51,7 +51,7 @@ def run_main(c, out: str) -> dict:
   for arch, entry in matched["architectures"].items():
     r = entry["nearest"]
     folder = os.path.join(out, "export", arch)
-    meta = {**source, "coefficients": r["coefficients"], "config": s.train.to_dict()}
+    meta = {**source, "coefficients": r["coefficients"], "config": r["train_config"]}
     export.save_npz(os.path.join(folder, "sae.npz"), r["params"], r["spec"], meta)
     if r["spec"].architecture.SAELENS_ARCHITECTURE:
       export.save_saelens(os.path.join(folder, "saelens"), r["params"], r["spec"],

@@ -41,7 +41,7 @@ def train_grids(c, out_dir: str) -> tuple[list[dict], object]:
       coefficients = spec.member_coefficients()[i]
       runs.append({"name": f"{arch}_{i}", "architecture": arch, "member": i,
                    "coefficients": coefficients, "label": coefficient_label(coefficients),
-                   "spec": spec.member(i), "params": params})
+                   "spec": spec.member(i), "params": params, "train_config": tc.to_dict()})
   return runs, source
 
 

@@ -15,6 +15,7 @@ inside jit with `nnx.merge`, so every method is a pure function of (params, inpu
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, ClassVar, Mapping
 
@@ -53,8 +54,9 @@ class Statistic(nnx.Variable):
 class SAE(nnx.Module):
   """Abstract sparse autoencoder. Shapes: x [batch, d_in], f [batch, d_sae].
 
-  Subclasses set the class attributes below and implement `__init__(d_in, d_sae, block, *, rngs,
-  dtype)`, `encode`, `decode`, `loss_terms`, `reinit_features` and `encoder_weight`.
+  Subclasses set the class attributes below, take `__init__(d_in, d_sae, block, *, rngs, dtype)`
+  and implement the abstract methods (nnx.Module's metaclass is an ABCMeta: a subclass missing
+  one cannot be instantiated, so it fails at `describe`, before any training).
   """
 
   NAME: ClassVar[str]
@@ -74,9 +76,9 @@ class SAE(nnx.Module):
 
   # --- config -------------------------------------------------------------------------
   @classmethod
+  @abc.abstractmethod
   def default_config(cls) -> ml_collections.ConfigDict:
     """The architecture's config block (`config.sae.<NAME>`) with its defaults."""
-    raise NotImplementedError
 
   @classmethod
   def validate_config(cls, block, check: Check) -> None:
@@ -111,14 +113,15 @@ class SAE(nnx.Module):
                      f"expected one of {[c.name for c in cls.COEFFICIENTS]}")
 
   # --- math ---------------------------------------------------------------------------
+  @abc.abstractmethod
   def encode(self, x: jax.Array) -> jax.Array:
     """Inference codes f(x): [batch, d_in] -> [batch, d_sae]."""
-    raise NotImplementedError
 
   def decode(self, f: jax.Array) -> jax.Array:
     """x_hat = f W_dec + b_dec: [batch, d_sae] -> [batch, d_in]."""
     return f @ self.W_dec[...] + self.b_dec[...]
 
+  @abc.abstractmethod
   def loss_terms(self, x: jax.Array, coefficients: Mapping[str, jax.Array],
                  dead: jax.Array | None = None):
     """Training forward: ({term: scalar}, {'f': codes, 'x_hat': reconstruction, ...}).
@@ -128,31 +131,31 @@ class SAE(nnx.Module):
     marks the features that fired on no token of the last `train.feature_window_tokens`
     (for dead-latent losses such as TopK's AuxK; None outside training).
     """
-    raise NotImplementedError
 
   def update_statistics(self, out: Mapping[str, jax.Array]) -> None:
     """After an optimiser step: update `Statistic` variables from loss_terms' outputs."""
 
   # --- resampling (Bricken et al. 2023) ------------------------------------------------
+  @abc.abstractmethod
   def reinit_features(self, dead: jax.Array, directions: jax.Array, enc_norm: jax.Array) -> None:
     """Dead features [d_sae] get decoder row = direction [d_sae, d_in], encoder column =
     direction * enc_norm, and their per-feature parameters reset to initial values."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def encoder_weight(self) -> jax.Array:
     """The [d_in, d_sae] matrix whose column norms resampling uses."""
-    raise NotImplementedError
 
   # --- SAELens interop -----------------------------------------------------------------
+  # An architecture with a SAELens equivalent overrides both; the defaults refuse.
   @classmethod
   def to_saelens(cls, params: Mapping[str, np.ndarray], block) -> tuple[dict, dict]:
     """(tensors, extra cfg.json fields) of the SAELens folder; params act on raw activations."""
-    raise NotImplementedError
+    raise ValueError(f"SAELens has no {cls.NAME} SAE; export it as .npz instead")
 
   @classmethod
   def from_saelens(cls, tensors: Mapping[str, np.ndarray], cfg: Mapping) -> tuple[dict, dict]:
     """(params in our names, block overrides) from a SAELens folder's tensors and cfg.json."""
-    raise NotImplementedError
+    raise ValueError(f"gsae_jax's {cls.NAME} SAE has no SAELens equivalent to import")
 
 
 # ----------------------------------------------------------------------------- shared math
