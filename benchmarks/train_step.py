@@ -1,6 +1,7 @@
 r"""Train-step throughput versus the machine's measured dense fp32 matmul peak.
 
   python benchmarks/train_step.py --d_in=640 --d_sae=10240 --batch=4096
+  python benchmarks/train_step.py --l0=32 --path=both --saelens   # dense vs sparse vs SAELens
 
 FLOPs per token: each architecture declares its dense count (`FLOPS_PER_TOKEN_PER_NM` x n M;
 14 n M for Gated: forward encoder, decoder, aux decoder, backward encoder dW, decoder dW and df,
@@ -20,11 +21,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from experiments import base  # noqa: E402
 from gsae_jax import sharding  # noqa: E402
-from gsae_jax.train import optim  # noqa: E402
-from gsae_jax.sae import registry  # noqa: E402
+from gsae_jax.sae import features, registry  # noqa: E402
+from gsae_jax.train import optim, paths  # noqa: E402
 from gsae_jax.sae.spec import describe  # noqa: E402
 from gsae_jax.train.state import create_train_state  # noqa: E402
 from gsae_jax.train.step import compile_steps  # noqa: E402
@@ -36,6 +38,11 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per round (the best one c
 _ARCH = flags.DEFINE_enum("architecture", registry.names()[0], registry.names(), "SAE architecture.")
 _PEAK_SIZE = flags.DEFINE_integer("peak_size", 4096, "Square matmul size for the peak.")
 _ROUNDS = flags.DEFINE_integer("rounds", 4, "Interleaved rounds of (peak matmuls, train steps).")
+_PATH = flags.DEFINE_enum("path", "dense", ["dense", "sparse", "auto", "both"],
+                          "Train path; 'both' times dense and sparse interleaved.")
+_L0 = flags.DEFINE_float("l0", None, "Set the state's L0 on the batch (support bias shifted, or "
+                         "k for TopK-like SAEs); default: the initial state's.")
+_SAELENS = flags.DEFINE_bool("saelens", False, "Also time SAELens' step (torch, CPU) interleaved.")
 
 
 def _best_seconds(fn, *args, repeats: int) -> float:
@@ -56,46 +63,87 @@ def matmul_peak_timer(size: int):
   return lambda: 2 * size**3 / _best_seconds(matmul, a, b, repeats=1) / 1e9
 
 
-def train_step_timer(architecture: str, d_in: int, d_sae: int, batch: int):
-  """A function timing one train step (seconds) on a fixed batch, compiled and warmed up."""
+# The per-feature bias that shifts each architecture's support score (--l0 calibration); TopK-like
+# architectures set k = l0 instead.
+_SUPPORT_BIAS = {"gated": "b_gate", "baseline": "b_enc", "jumprelu": "b_enc"}
+
+
+def _calibrate(config, spec, state, x, l0: float):
+  """The state with its support bias shifted so that about l0 features per token fire on x."""
+  name = _SUPPORT_BIAS[spec.name]
+  sae = nnx.merge(spec.graphdef, state.params)
+  score = sae.support_score(x, spec.coefficients_at(jnp.asarray(10**9)), features.Recorder())
+  flat = jnp.sort(score.reshape(-1))
+  shift = -flat[int(flat.size * (1 - l0 / spec.d_sae))]
+  params = {**state.params, name: state.params[name] + shift}
+  return state.replace(params=jax.device_put(params, jax.tree.map(lambda a: a.sharding,
+                                                                    state.params)))
+
+
+def train_step_timer(architecture: str, d_in: int, d_sae: int, batch: int, path: str = "dense",
+                     l0: float | None = None):
+  """A function timing one train step (seconds) on a fixed batch, compiled and warmed up, and
+  the L0 that step measured."""
   c = base.get_config()
   c.sae.architecture, c.sae.d_sae, c.train.batch_size, c.train.steps = architecture, d_sae, batch, 1000
+  c.train.path = path
+  cls = registry.get(architecture)
+  integer = [coef for coef in cls.COEFFICIENTS if coef.integer]
+  if l0 and integer:
+    c.sae[architecture][integer[0].field] = int(round(l0))
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.model)
   spec, rules = describe(c, d_in), tuple(map(tuple, c.mesh.rules))
   tx = optim.make_optimizer(c.optim, c.train.steps, spec.architecture.UNIT_NORM_DECODER)
   state, shardings = create_train_state(spec, mesh, rules, tx)
-  step, _ = compile_steps(spec, mesh, shardings, rules, tx, c.train.feature_window_tokens)
+  choice = paths.choose(c.train, spec)
+  step, _ = compile_steps(spec, mesh, shardings, rules, tx, c.train.feature_window_tokens, choice)
   x = jax.device_put(jax.random.normal(jax.random.key(2), (batch, d_in)),
                      jax.sharding.NamedSharding(mesh, sharding.batch_spec()))
-  holder = [state]
+  if l0 and not integer:
+    state = _calibrate(c, spec, state, x, l0)
+  holder = [state, {}]
 
   def one_step() -> float:
     t = time.perf_counter()
     holder[0], metrics = step(holder[0], x)
     jax.block_until_ready(metrics)
+    holder[1] = metrics
     return time.perf_counter() - t
 
   one_step()  # compile and warm up
-  return one_step
+  return one_step, lambda: {k: float(holder[1][k]) for k in ("l0", "sparse_step")}
 
 
 def main(argv):
   del argv
-  n, m, batch = _D_IN.value, _D_SAE.value, _BATCH.value
+  n, m, batch, arch = _D_IN.value, _D_SAE.value, _BATCH.value, _ARCH.value
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}", flush=True)
   peak_once = matmul_peak_timer(_PEAK_SIZE.value)
-  step_once = train_step_timer(_ARCH.value, n, m, batch)
+  path_names = ("dense", "sparse") if _PATH.value == "both" else (_PATH.value,)
+  timers = {p: train_step_timer(arch, n, m, batch, p, _L0.value) for p in path_names}
+  if _SAELENS.value:
+    from benchmarks.saelens_step import saelens_step_timer  # torch: only when asked
+    timers["SAELens"] = (saelens_step_timer(arch, n, m, batch, _L0.value), lambda: {})
   # Interleaved, best of each: this shared machine's speed drifts by +-15% between seconds, so
-  # both numbers are the machine at its best, measured over the same stretch of time.
-  peak, best_step = 0.0, float("inf")
+  # all numbers are the machine at its best, measured over the same stretch of time.
+  peak, best = 0.0, {p: float("inf") for p in timers}
   for r in range(_ROUNDS.value):
     peak = max(peak, *(peak_once() for _ in range(3)))
-    best_step = min(best_step, *(step_once() for _ in range(_STEPS.value)))
-    print(f"round {r + 1}: peak so far {peak:.1f} GFLOP/s, best step {best_step:.3f} s", flush=True)
-  tps = batch / best_step
-  gflops = registry.get(_ARCH.value).FLOPS_PER_TOKEN_PER_NM * n * m * tps / 1e9
-  print(f"{_ARCH.value} n={n} M={m} batch={batch}: {tps:.0f} tokens/s, {gflops:.1f} GFLOP/s, "
-        f"{100 * gflops / peak:.1f}% of peak ({peak:.1f} GFLOP/s)")
+    for p, (step_once, _) in timers.items():
+      best[p] = min(best[p], *(step_once() for _ in range(_STEPS.value)))
+    print(f"round {r + 1}: peak so far {peak:.1f} GFLOP/s, best step "
+          + ", ".join(f"{p} {t:.3f} s" for p, t in best.items()), flush=True)
+  flops = registry.get(arch).FLOPS_PER_TOKEN_PER_NM * n * m
+  for p, (_, stats) in timers.items():
+    tps = batch / best[p]
+    print(f"{p}: {tps:.0f} tokens/s, {flops * tps / 1e9:.1f} dense-equivalent GFLOP/s "
+          f"({100 * flops * tps / 1e9 / peak:.1f}% of peak {peak:.1f} GFLOP/s) {stats()}")
+  l0 = timers[path_names[-1]][1]()["l0"]
+  line = f"{arch} n={n} M={m} batch={batch} l0={l0:.0f}: " + ", ".join(
+      f"{p} {batch / t:.0f} tokens/s" for p, t in best.items())
+  if len(path_names) == 2:
+    line += f" ({best['dense'] / best['sparse']:.2f}x)"
+  print(line)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
                                       # '' = its first one
   c.sweep.grid = ()                   # non-empty: train one SAE per value in one data pass
                                       # (jax.vmap over the grid); the block's value is unused
+  c.sweep.execution = "auto"          # 'vmap' | 'sequential' (members one after another on
+                                      # the shared batch) | 'auto' (sequential on CPU and on
+                                      # the sparse path, vmap elsewhere)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 3e-4                   # the paper's LR for every Gated SAE
@@ -41,6 +44,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.feature_window_tokens = 10_000_000   # dead/dense window (GATED_SAE.md section 5)
   c.train.resample_every = 0          # 0 = off; else resample dead features every N steps
   c.train.resample_until = 0          # no resampling at or after this step (0 = never stop)
+  c.train.path = "auto"               # 'dense' | 'sparse' (exact, on each token's active
+                                      # features; dense fallback on overflow) | 'auto' (sparse
+                                      # where it pays: gsae_jax/train/paths.py)
+  c.train.sparse_capacity = 0         # active features per token on the sparse path; 0: 64, or
+                                      # 2 k for TopK-like SAEs
+  c.train.sparse_dead_capacity = 1024  # dead latents AuxK handles on the sparse path
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.save_every = 1000      # steps; also saved at the end and on SIGTERM/SIGINT

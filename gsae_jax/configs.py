@@ -8,6 +8,8 @@ import math
 from gsae_jax.sae import registry
 
 DATA_SOURCES = ("synthetic", "shards")
+PATHS = ("auto", "dense", "sparse")  # train.path: gsae_jax/train/paths.py
+SWEEP_EXECUTIONS = ("auto", "vmap", "sequential")
 
 
 def _check(ok: bool, field: str, expected: str, found) -> None:
@@ -40,6 +42,11 @@ def validate(config, mesh_shape: dict[str, int]) -> None:
   _check(train.feature_window_tokens > 0, "train.feature_window_tokens", "> 0",
          train.feature_window_tokens)
   _check(train.resample_every >= 0, "train.resample_every", ">= 0 (0 = off)", train.resample_every)
+  _check(train.path in PATHS, "train.path", f"one of {PATHS}", train.path)
+  _check(train.sparse_capacity >= 0, "train.sparse_capacity", ">= 0 (0: the default)",
+         train.sparse_capacity)
+  _check(train.sparse_dead_capacity >= 1, "train.sparse_dead_capacity", ">= 1",
+         train.sparse_dead_capacity)
   _check(config.checkpoint.save_every > 0, "checkpoint.save_every", "> 0",
          config.checkpoint.save_every)
   _check(config.checkpoint.keep > 0, "checkpoint.keep", "> 0", config.checkpoint.keep)
@@ -51,6 +58,8 @@ def validate(config, mesh_shape: dict[str, int]) -> None:
 
 def _validate_sweep(sweep, arch) -> None:
   """The swept coefficient exists and every value is valid for it."""
+  _check(sweep.execution in SWEEP_EXECUTIONS, "sweep.execution", f"one of {SWEEP_EXECUTIONS}",
+         sweep.execution)
   values = tuple(sweep.grid)
   if not values:
     return

@@ -12,11 +12,15 @@ import jax.numpy as jnp
 DENSE_THRESHOLD = 0.1
 
 
-def reconstruction_sums(x: jax.Array, x_hat: jax.Array, f: jax.Array) -> dict[str, jax.Array]:
-  """Additive sufficient statistics of one batch. x, x_hat [batch, d_in]; f [batch, d_sae].
+def reconstruction_sums(x: jax.Array, x_hat: jax.Array, f: jax.Array | None = None, *,
+                        fire_count: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Additive sufficient statistics of one batch. x, x_hat [batch, d_in]; f [batch, d_sae], or
+  instead its `fire_count` (the sparse step counts on its slots).
 
   `fire_count` [d_sae] counts the tokens on which each feature fired (L0 is its sum / tokens).
   """
+  if fire_count is None:
+    fire_count = jnp.sum((f > 0).astype(jnp.float32), axis=0)
   x32, xh32 = x.astype(jnp.float32), x_hat.astype(jnp.float32)
   return {
       "tokens": jnp.asarray(x.shape[0], jnp.float32),
@@ -25,7 +29,7 @@ def reconstruction_sums(x: jax.Array, x_hat: jax.Array, f: jax.Array) -> dict[st
       "x_sq": jnp.sum(jnp.square(x32)),
       "x_hat_sq": jnp.sum(jnp.square(xh32)),
       "x_dot_x_hat": jnp.sum(x32 * xh32),
-      "fire_count": jnp.sum((f > 0).astype(jnp.float32), axis=0),
+      "fire_count": fire_count,
   }
 
 

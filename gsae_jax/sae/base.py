@@ -25,6 +25,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from gsae_jax.sae import features
+from gsae_jax.sae.features import ALL, AllFeatures
+
 Check = Any  # callable(ok: bool, field: str, expected: str, found) raising ValueError
 
 
@@ -117,20 +120,37 @@ class SAE(nnx.Module):
   def encode(self, x: jax.Array) -> jax.Array:
     """Inference codes f(x): [batch, d_in] -> [batch, d_sae]."""
 
-  def decode(self, f: jax.Array) -> jax.Array:
-    """x_hat = f W_dec + b_dec: [batch, d_sae] -> [batch, d_in]."""
-    return f @ self.W_dec[...] + self.b_dec[...]
+  def decode(self, f: jax.Array, view=ALL) -> jax.Array:
+    """x_hat = f W_dec + b_dec: [batch, d_sae] (or the view's [batch, K]) -> [batch, d_in]."""
+    return view.decode(f, self.W_dec[...]) + self.b_dec[...]
 
   @abc.abstractmethod
   def loss_terms(self, x: jax.Array, coefficients: Mapping[str, jax.Array],
-                 dead: jax.Array | None = None):
+                 dead: jax.Array | None = None, view=ALL):
     """Training forward: ({term: scalar}, {'f': codes, 'x_hat': reconstruction, ...}).
 
     Each term is a batch mean of per-token sums; the loss is their sum. `coefficients` maps
     every name in COEFFICIENTS to its (possibly traced, warmed-up) value. `dead` [d_sae] bool
     marks the features that fired on no token of the last `train.feature_window_tokens`
-    (for dead-latent losses such as TopK's AuxK; None outside training).
+    (for dead-latent losses such as TopK's AuxK; None outside training). `view`
+    (`gsae_jax.sae.features`) says which features the per-feature arrays hold: all of them, or
+    each token's active slots in the sparse step, where 'f' is [batch, K].
     """
+
+  # --- the sparse step (gsae_jax.sae.features) ------------------------------------------
+  def support_score(self, x: jax.Array, coefficients: Mapping[str, jax.Array],
+                    view: AllFeatures) -> jax.Array | None:
+    """[batch, d_sae] scores whose positive entries contain, for each token, every feature
+    with a non-zero value or gradient in `loss_terms` (computed through `view`, which keeps
+    the encoder products for the step to reuse); None: no sparse step (the default)."""
+    return None
+
+  def exceeds_capacity(self, top: jax.Array, coefficients: Mapping[str, jax.Array],
+                       dead: jax.Array | None, dead_capacity: int) -> jax.Array:
+    """Whether K slots per token miss part of the support: `top` [batch, K + 1] holds each
+    token's K + 1 highest scores, sorted (read it with `features.column` / `features.last`).
+    The default: a (K + 1)-th positive score."""
+    return jnp.any(features.last(top) > 0)
 
   def update_statistics(self, out: Mapping[str, jax.Array]) -> None:
     """After an optimiser step: update `Statistic` variables from loss_terms' outputs."""
@@ -166,14 +186,17 @@ def random_unit_rows(key: jax.Array, rows: int, cols: int, dtype=jnp.float32) ->
   return (w / jnp.linalg.norm(w, axis=-1, keepdims=True)).astype(dtype)
 
 
-def centered_matmul(x: jax.Array, b_dec: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(x - b_dec) @ w split as (x @ w, b_dec @ w): [batch, d_sae] and [d_sae].
+def centered_matmul(x: jax.Array, b_dec: jax.Array, w: jax.Array, view=None,
+                    name: str = "") -> tuple[jax.Array, jax.Array]:
+  """(x - b_dec) @ w split as (x @ w, b_dec @ w): [batch, d_sae] and [d_sae], both at the
+  view's features (weight `name`; see `gsae_jax.sae.features`).
 
   Folding b_dec @ w into the per-feature biases gives the same value, but b_dec's gradient becomes
   a [d_sae] x [d_sae, d_in] product instead of a [batch, d_sae] x [d_sae, d_in] matmul (2 n M
   FLOPs per token saved) and no centred [batch, d_in] copy of x is made.
   """
-  return x @ w, b_dec @ w
+  view = ALL if view is None else view
+  return view.encoder(x, w, name), view.take(b_dec @ w)
 
 
 def sum_sq(v: jax.Array) -> jax.Array:

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from gsae_jax.sae.base import (SAE, Coefficient, centered_matmul, random_unit_rows, reset_where,
+from gsae_jax.sae.base import (ALL, SAE, Coefficient, centered_matmul, random_unit_rows, reset_where,
                                resample_linear_pair, sum_sq)
 
 
@@ -51,16 +51,24 @@ class BaselineSAE(SAE):
     self.b_enc = nnx.Param(jnp.zeros((d_sae,), dtype))
     self.b_dec = nnx.Param(jnp.zeros((d_in,), dtype))
 
-  def encode(self, x: jax.Array) -> jax.Array:
+  def pre_activations(self, x: jax.Array, view=ALL) -> jax.Array:
+    """pi = W_enc (x - b_dec) + b_enc: [batch, d_in] -> [batch, d_sae] (the view's features)."""
+    xw, b_dec_w = centered_matmul(x, self.b_dec[...], self.W_enc[...], view, "W_enc")
+    return xw + (view.take(self.b_enc[...]) - b_dec_w)
+
+  def encode(self, x: jax.Array, view=ALL) -> jax.Array:
     """f(x) = ReLU(W_enc (x - b_dec) + b_enc): [batch, d_in] -> [batch, d_sae]."""
-    xw, b_dec_w = centered_matmul(x, self.b_dec[...], self.W_enc[...])
-    return jax.nn.relu(xw + (self.b_enc[...] - b_dec_w))
+    return jax.nn.relu(self.pre_activations(x, view))
+
+  def support_score(self, x, coefficients, view):
+    """pi: ReLU's value and gradient vanish where pi <= 0."""
+    return self.pre_activations(x, view)
 
   def loss_terms(self, x: jax.Array, coefficients: Mapping[str, jax.Array],
-                 dead: jax.Array | None = None):
+                 dead: jax.Array | None = None, view=ALL):
     """({reconstruct, sparsity}, {f, x_hat})."""
-    f = self.encode(x)
-    x_hat = self.decode(f)
+    f = self.encode(x, view)
+    x_hat = self.decode(f, view)
     terms = {
         "reconstruct": sum_sq(x - x_hat),
         "sparsity": coefficients["l1"] * jnp.mean(jnp.sum(f, axis=-1)),

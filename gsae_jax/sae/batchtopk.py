@@ -22,6 +22,8 @@ import numpy as np
 from flax import nnx
 
 from gsae_jax.sae.base import Statistic
+from gsae_jax.sae import features
+from gsae_jax.sae.features import ALL
 from gsae_jax.sae.topk import TopKSAE, top_k_mask
 
 
@@ -65,13 +67,25 @@ class BatchTopKSAE(TopKSAE):
     pi = self.pre_activations(x)
     return jnp.where(pi > self.threshold[...], jax.nn.relu(pi), 0.0)
 
-  def loss_terms(self, x, coefficients, dead=None):
+  def loss_terms(self, x, coefficients, dead=None, view=ALL):
     """As TopK's, with the batch's smallest kept activation (`min_kept`, inf if none) for the
     threshold estimate."""
-    terms, out = super().loss_terms(x, coefficients, dead)
+    terms, out = super().loss_terms(x, coefficients, dead, view)
     f = jax.lax.stop_gradient(out["f"])
     out["min_kept"] = jnp.min(jnp.where(f > 0, f, jnp.inf)).astype(jnp.float32)
     return terms, out
+
+  def exceeds_capacity(self, top, coefficients, dead, dead_capacity):
+    """K slots miss part of the support if some token's (K + 1)-th value reaches the batch's
+    threshold, found among the slots (it is the true one exactly when nothing is missed)."""
+    slots = top.shape[-1] - 1
+    candidates = jnp.where(jnp.arange(slots + 1) < slots, top, -jnp.inf)
+    kept = top_k_mask(candidates, top.shape[0] * coefficients["k"], per_row=False)
+    threshold = jnp.min(jnp.where(kept, candidates, jnp.inf))
+    last = features.last(top)
+    missed = (last >= threshold) & (last > 0)
+    too_many_dead = False if dead is None else jnp.sum(dead) > dead_capacity
+    return jnp.any(missed) | too_many_dead
 
   def update_statistics(self, out) -> None:
     """theta <- theta + rate (min_kept - theta); the first estimate is min_kept itself; a batch

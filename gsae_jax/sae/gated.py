@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from gsae_jax.sae.base import (SAE, Coefficient, centered_matmul, random_unit_rows, reset_where,
+from gsae_jax.sae.base import (ALL, SAE, Coefficient, centered_matmul, random_unit_rows, reset_where,
                                resample_linear_pair, sum_sq)
 from gsae_jax.sae.gate import GATE_BACKWARD_MODES, heaviside
 
@@ -82,16 +82,17 @@ class GatedSAE(SAE):
     self.b_mag = nnx.Param(jnp.zeros((d_sae,), dtype))
     self.b_dec = nnx.Param(jnp.zeros((d_in,), dtype))
 
-  def pre_activations(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(pi_gate, pi_mag), each [batch, d_sae]; one shared matmul when r_mag is tied."""
-    xw, b_dec_w = centered_matmul(x, self.b_dec[...], self.W_gate[...])
-    pi_gate = xw + (self.b_gate[...] - b_dec_w)
+  def pre_activations(self, x: jax.Array, view=ALL) -> tuple[jax.Array, jax.Array]:
+    """(pi_gate, pi_mag), each [batch, d_sae] (the view's features); one shared matmul when
+    r_mag is tied."""
+    xw, b_dec_w = centered_matmul(x, self.b_dec[...], self.W_gate[...], view, "W_gate")
+    pi_gate = xw + (view.take(self.b_gate[...]) - b_dec_w)
     if self.tie_r_mag:
-      scale = jnp.exp(self.r_mag[...])
-      pi_mag = scale * xw + (self.b_mag[...] - scale * b_dec_w)
+      scale = view.take(jnp.exp(self.r_mag[...]))
+      pi_mag = scale * xw + (view.take(self.b_mag[...]) - scale * b_dec_w)
     else:
-      xw_mag, b_dec_w_mag = centered_matmul(x, self.b_dec[...], self.W_mag[...])
-      pi_mag = xw_mag + (self.b_mag[...] - b_dec_w_mag)
+      xw_mag, b_dec_w_mag = centered_matmul(x, self.b_dec[...], self.W_mag[...], view, "W_mag")
+      pi_mag = xw_mag + (view.take(self.b_mag[...]) - b_dec_w_mag)
     return pi_gate, pi_mag
 
   def _features(self, pi_gate: jax.Array, pi_mag: jax.Array) -> jax.Array:
@@ -103,22 +104,32 @@ class GatedSAE(SAE):
     return self._features(*self.pre_activations(x))
 
   def loss_terms(self, x: jax.Array, coefficients: Mapping[str, jax.Array],
-                 dead: jax.Array | None = None):
+                 dead: jax.Array | None = None, view=ALL):
     """({reconstruct, sparsity, aux}, {f, x_hat}); each term a batch mean of per-token sums."""
-    pi_gate, pi_mag = self.pre_activations(x)
+    pi_gate, pi_mag = self.pre_activations(x, view)
     f = self._features(pi_gate, pi_mag)
-    x_hat = self.decode(f)
+    x_hat = self.decode(f, view)
     relu_gate = jax.nn.relu(pi_gate)
     w_dec, b_dec = self.W_dec[...], self.b_dec[...]
     if self.frozen_aux_decoder:  # the paper: L_aux trains the gate only, never the decoder
       w_dec, b_dec = jax.lax.stop_gradient(w_dec), jax.lax.stop_gradient(b_dec)
-    x_hat_aux = relu_gate @ w_dec + b_dec
+    x_hat_aux = view.decode(relu_gate, w_dec) + b_dec
     terms = {
         "reconstruct": sum_sq(x - x_hat),
         "sparsity": coefficients["l1"] * jnp.mean(jnp.sum(relu_gate, axis=-1)),
         "aux": sum_sq(x - x_hat_aux),
     }
     return terms, {"f": f, "x_hat": x_hat}
+
+  def support_score(self, x, coefficients, view):
+    """pi_gate: f, ReLU(pi_gate) and their gradients vanish where pi_gate <= 0 (the paper's
+    zero gate backward); the rectangle backward reaches eps/2 below (the score adds eps, a
+    margin against rounding at the kernel's edge); straight-through reaches every feature, so
+    it has no sparse step."""
+    if self.gate_backward == "straight_through":
+      return None
+    pi_gate = self.pre_activations(x, view)[0]
+    return pi_gate + self.gate_eps if self.gate_backward == "rectangle" else pi_gate
 
   def reinit_features(self, dead: jax.Array, directions: jax.Array, enc_norm: jax.Array) -> None:
     resample_linear_pair(self, "W_gate", dead, directions, enc_norm)

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from gsae_jax.sae.base import (SAE, Coefficient, centered_matmul, reset_where,
+from gsae_jax.sae.base import (ALL, SAE, Coefficient, centered_matmul, reset_where,
                                resample_linear_pair, sum_sq)
 from gsae_jax.sae.constraints import unit_rows
 from gsae_jax.sae.gate import rectangle
@@ -137,12 +137,12 @@ class JumpReLUSAE(SAE):
     self.log_threshold = nnx.Param(jnp.full((d_sae,), self.init_log_threshold, dtype))
     self.b_dec = nnx.Param(jnp.zeros((d_in,), dtype))
 
-  def pre_activations(self, x: jax.Array) -> jax.Array:
-    """pi(x): [batch, d_in] -> [batch, d_sae]."""
+  def pre_activations(self, x: jax.Array, view=ALL) -> jax.Array:
+    """pi(x): [batch, d_in] -> [batch, d_sae] (the view's features)."""
     if not self.pre_encoder_bias:
-      return x @ self.W_enc[...] + self.b_enc[...]
-    xw, b_dec_w = centered_matmul(x, self.b_dec[...], self.W_enc[...])
-    return xw + (self.b_enc[...] - b_dec_w)
+      return view.encoder(x, self.W_enc[...], "W_enc") + view.take(self.b_enc[...])
+    xw, b_dec_w = centered_matmul(x, self.b_dec[...], self.W_enc[...], view, "W_enc")
+    return xw + (view.take(self.b_enc[...]) - b_dec_w)
 
   def threshold(self) -> jax.Array:
     """theta = exp(log_threshold) [d_sae]: log-parameterised so that it stays positive."""
@@ -152,13 +152,19 @@ class JumpReLUSAE(SAE):
     """f(x) = pi * H(pi - theta): [batch, d_in] -> [batch, d_sae]."""
     return jumprelu(self.pre_activations(x), self.threshold(), self.bandwidth)
 
+  def support_score(self, x, coefficients, view):
+    """pi - theta + eps: f is non-zero where pi > theta and the pseudo-derivatives (Eqs. 11-12)
+    where |pi - theta| < eps / 2 (eps rather than eps / 2: a margin against rounding at the
+    kernel's edge)."""
+    return self.pre_activations(x, view) - self.threshold() + self.bandwidth
+
   def loss_terms(self, x: jax.Array, coefficients: Mapping[str, jax.Array],
-                 dead: jax.Array | None = None):
+                 dead: jax.Array | None = None, view=ALL):
     """({reconstruct, sparsity}, {f, x_hat})."""
-    pi = self.pre_activations(x)
-    theta = self.threshold()
+    pi = self.pre_activations(x, view)
+    theta = view.take(self.threshold())
     f = jumprelu(pi, theta, self.bandwidth)
-    x_hat = self.decode(f)
+    x_hat = self.decode(f, view)
     l0 = jnp.sum(step(pi, theta, self.bandwidth), axis=-1)  # ||f||_0, trains theta alone
     terms = {
         "reconstruct": sum_sq(x - x_hat),

@@ -20,6 +20,7 @@ from flax import nnx
 
 from gsae_jax.sae.base import sum_sq
 from gsae_jax.sae.batchtopk import BatchTopKSAE
+from gsae_jax.sae.features import ALL
 
 
 def prefix_sizes(fractions: Sequence[float], d_sae: int) -> tuple[int, ...]:
@@ -62,11 +63,11 @@ class MatryoshkaSAE(BatchTopKSAE):
     super().__init__(d_in, d_sae, b, rngs=rngs, dtype=dtype)
     self.prefixes = prefix_sizes(b.prefix_fractions, d_sae)
 
-  def reconstruction(self, x: jax.Array, f: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def reconstruction(self, x: jax.Array, f: jax.Array, view=ALL) -> tuple[jax.Array, jax.Array]:
     """(sum over prefixes of ||x - x_hat_m||^2, x_hat_M). Each group's partial decode
     f[:, m_{i-1}:m_i] W_dec[m_{i-1}:m_i] is computed once and cumulatively summed, so the
     decoder costs 2 n M FLOPs per token, not L times that."""
     w_dec, bounds = self.W_dec[...], (0,) + self.prefixes
-    partials = jnp.stack([f[:, lo:hi] @ w_dec[lo:hi] for lo, hi in zip(bounds, bounds[1:])])
+    partials = view.group_decodes(f, w_dec, bounds)
     x_hats = jnp.cumsum(partials, axis=0) + self.b_dec[...]  # [L, batch, d_in]
     return sum(sum_sq(x - x_hat) for x_hat in x_hats), x_hats[-1]

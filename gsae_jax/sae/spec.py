@@ -17,7 +17,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from gsae_jax.sae import registry
+from gsae_jax.sae import features, registry
 from gsae_jax.sae.base import SAE
 
 
@@ -102,6 +102,27 @@ class SAESpec:
     block[coef.field] = self.sweep.grid[i]
     return _describe(self.architecture, block, self.d_in, self.d_sae, self.param_dtype,
                      self.seed, None)
+
+  def largest_integer_coefficient(self) -> int:
+    """The largest value an integer coefficient (TopK's k) takes in the run; 0 if none."""
+    values = [int(self.block[c.field]) for c in self.architecture.COEFFICIENTS if c.integer]
+    return max(values, default=0)
+
+  def support_products(self) -> tuple[str, ...] | None:
+    """The encoder weights whose products the sparse step's support search computes (and the
+    step reuses), or None if the architecture, as configured, has no sparse step."""
+    x = jax.ShapeDtypeStruct((1, self.d_in), jnp.float32)
+    names = []
+
+    def score(params, x):
+      swept = self.sweep_values()[0] if self.sweep else None
+      coefficients = self.coefficients_at(jnp.zeros((), jnp.int32), swept)
+      recorder = features.Recorder()
+      out = nnx.merge(self.graphdef, params).support_score(x, coefficients, recorder)
+      names.extend(recorder.products)
+      return out
+
+    return None if jax.eval_shape(score, self.abstract_params, x) is None else tuple(names)
 
   def metadata(self) -> dict:
     """What an export records about the SAE (JSON-able)."""

@@ -18,7 +18,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from gsae_jax.sae.base import (SAE, Coefficient, centered_matmul, random_unit_rows, reset_where,
+from gsae_jax.sae import features
+from gsae_jax.sae.base import (ALL, SAE, Coefficient, centered_matmul, random_unit_rows, reset_where,
                                resample_linear_pair, sum_sq)
 
 
@@ -120,10 +121,10 @@ class TopKSAE(SAE):
       self.b_enc = nnx.Param(jnp.zeros((d_sae,), dtype))
     self.b_dec = nnx.Param(jnp.zeros((d_in,), dtype))
 
-  def pre_activations(self, x: jax.Array) -> jax.Array:
-    """pi = W_enc (x - b_dec) + b_enc: [batch, d_in] -> [batch, d_sae]."""
-    xw, b_dec_w = centered_matmul(x, self.b_dec[...], self.W_enc[...])
-    return xw + (self.b_enc[...] - b_dec_w) if self.relu else xw - b_dec_w
+  def pre_activations(self, x: jax.Array, view=ALL) -> jax.Array:
+    """pi = W_enc (x - b_dec) + b_enc: [batch, d_in] -> [batch, d_sae] (the view's features)."""
+    xw, b_dec_w = centered_matmul(x, self.b_dec[...], self.W_enc[...], view, "W_enc")
+    return xw + (view.take(self.b_enc[...]) - b_dec_w) if self.relu else xw - b_dec_w
 
   def _positive(self, pi: jax.Array) -> jax.Array:
     # ReLU commutes with the selection (it only zeroes kept values that are <= 0), so selecting
@@ -138,33 +139,53 @@ class TopKSAE(SAE):
     """z = ReLU(TopK_k(pi)) at the module's k: [batch, d_in] -> [batch, d_sae]."""
     return self.select(self._positive(self.pre_activations(x)), self.k)
 
-  def reconstruction(self, x: jax.Array, f: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def reconstruction(self, x: jax.Array, f: jax.Array, view=ALL) -> tuple[jax.Array, jax.Array]:
     """(reconstruction loss term, x_hat): ||x - x_hat||^2."""
-    x_hat = self.decode(f)
+    x_hat = self.decode(f, view)
     return sum_sq(x - x_hat), x_hat
 
-  def aux_loss(self, e: jax.Array, pi: jax.Array, dead: jax.Array | None) -> jax.Array:
+  def aux_loss(self, x: jax.Array, e: jax.Array, pi: jax.Array, dead: jax.Array | None,
+               view=ALL) -> jax.Array:
     """||e - e_hat||^2 (A.2): the top-k_aux dead latents of each token reconstruct the main
     model's error e [batch, d_in] through W_dec without b_dec. e gets no gradient (the released
     code detaches it; the paper is silent), so AuxK trains only the dead latents (and b_dec
-    through their pre-activations)."""
+    through their pre-activations). `pi` is at the view's features; the sparse step gives the
+    dead latents a view of their own (`dead_latents`), where pi is recomputed."""
     if dead is None:
       return jnp.zeros((), pi.dtype)
+    aux = view.dead_latents(dead)
+    if aux is not view:
+      pi = self.pre_activations(x, aux)
+    dead = aux.take(dead) & aux.valid
     a = jnp.where(dead, self._positive(pi), -jnp.inf)
     # With fewer than k_aux dead latents the k_aux-th value is -inf: `dead` keeps alive ones out.
     z_aux = jnp.where(dead & top_k_mask(a, self.k_aux), a, 0.0)
-    return sum_sq(jax.lax.stop_gradient(e) - z_aux @ self.W_dec[...])
+    return sum_sq(jax.lax.stop_gradient(e) - aux.decode(z_aux, self.W_dec[...]))
 
   def loss_terms(self, x: jax.Array, coefficients: Mapping[str, jax.Array],
-                 dead: jax.Array | None = None):
+                 dead: jax.Array | None = None, view=ALL):
     """({reconstruct, aux}, {f, x_hat}) at coefficients k and aux_k; in a k sweep, k is the
     member's traced value and the module's own k (the grid's largest) is unused."""
-    pi = self.pre_activations(x)
+    pi = self.pre_activations(x, view)
     f = self.select(self._positive(pi), coefficients["k"])
-    reconstruct, x_hat = self.reconstruction(x, f)
+    reconstruct, x_hat = self.reconstruction(x, f, view)
     terms = {"reconstruct": reconstruct,
-             "aux": coefficients["aux_k"] * self.aux_loss(x - x_hat, pi, dead)}
+             "aux": coefficients["aux_k"] * self.aux_loss(x, x - x_hat, pi, dead, view)}
     return terms, {"f": f, "x_hat": x_hat}
+
+  def support_score(self, x, coefficients, view):
+    """The selection's values: each token's support is its k largest."""
+    return self._positive(self.pre_activations(x, view))
+
+  def exceeds_capacity(self, top, coefficients, dead, dead_capacity):
+    """K slots miss part of the support if k > K, or if the (K + 1)-th value ties the k-th
+    (top_k_mask keeps ties) and is not a ReLU zero; AuxK's view holds up to dead_capacity."""
+    k = coefficients["k"]
+    slots = top.shape[-1] - 1
+    last = features.last(top)
+    tie = (last >= features.column(top, k - 1)) & (last > 0 if self.relu else True)
+    too_many_dead = False if dead is None else jnp.sum(dead) > dead_capacity
+    return (k > slots) | jnp.any(tie) | too_many_dead
 
   def reinit_features(self, dead: jax.Array, directions: jax.Array, enc_norm: jax.Array) -> None:
     resample_linear_pair(self, "W_enc", dead, directions, enc_norm)

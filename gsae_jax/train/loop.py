@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 
 from gsae_jax.checkpoint import Checkpointer
 from gsae_jax.data.sources import BatchIterator
-from gsae_jax.train import optim
+from gsae_jax.train import optim, paths
 from gsae_jax.sae.spec import SAESpec
 from gsae_jax.train.state import TrainState, abstract_train_state
 from gsae_jax.train.step import compile_steps
@@ -57,8 +57,10 @@ def train(config, mesh: Mesh, batches: BatchIterator, spec: SAESpec,
     if config.sae.init_b_dec == "mean":
       state = _b_dec_at_data_mean(state, batches, config.sae.init_b_dec_batches,
                                   shardings.params["b_dec"])
-  train_step, resample_step = compile_steps(spec, mesh, shardings, rules, tx,
-                                            int(config.train.feature_window_tokens))
+  path = paths.choose(config.train, spec)
+  train_step, resample_step = compile_steps(
+      spec, mesh, shardings, rules, tx, int(config.train.feature_window_tokens), path,
+      paths.sequential_members(config.sweep, path))
   config_dict = config.to_dict()
 
   def save(step: int, force: bool) -> None:

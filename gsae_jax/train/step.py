@@ -15,19 +15,27 @@ from gsae_jax import sharding
 from gsae_jax.eval import metrics as metric_defs
 from gsae_jax.sae.resample import resample_dead
 from gsae_jax.sae.spec import SAESpec
+from gsae_jax.train import paths
 from gsae_jax.train.state import TrainState
 
 
-def train_step(state: TrainState, x: jax.Array, coefficients: Mapping[str, jax.Array], *,
-               graphdef, tx: optax.GradientTransformation, feature_window_tokens: int):
-  """Returns (new_state, metrics) for one batch x [batch, d_in] at the named loss coefficients."""
-  dead = state.tokens_since_fired >= feature_window_tokens  # before this batch
+def dead_features(state: TrainState, feature_window_tokens: int) -> jax.Array:
+  """[d_sae] bool: the features that fired on no token of the last window (before this batch)."""
+  return state.tokens_since_fired >= feature_window_tokens
 
-  def loss_fn(params):
-    terms, out = nnx.merge(graphdef, params).loss_terms(x, coefficients, dead)
-    return sum(terms.values()), (terms, out)
 
-  grads, (terms, out) = jax.grad(loss_fn, has_aux=True)(state.params)
+def train_step(state: TrainState, x: jax.Array, coefficients: Mapping[str, jax.Array],
+               products=None, idx=None, *, graphdef, tx: optax.GradientTransformation,
+               feature_window_tokens: int, dead_capacity: int = 0):
+  """Returns (new_state, metrics) for one batch x [batch, d_in] at the named loss coefficients.
+
+  Dense by default; with `products` and `idx` from `paths.find_support`, the sparse path on
+  each token's slots (metric `sparse_step` = 1), with `products` alone the dense path reusing
+  them (`gsae_jax.train.paths`).
+  """
+  dead = dead_features(state, feature_window_tokens)
+  grads, terms, out = paths.loss_grads(state.params, x, coefficients, dead, graphdef=graphdef,
+                                       products=products, idx=idx, dead_capacity=dead_capacity)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   sae = nnx.merge(graphdef, params)
@@ -35,7 +43,7 @@ def train_step(state: TrainState, x: jax.Array, coefficients: Mapping[str, jax.A
   params = nnx.to_pure_dict(nnx.split(sae)[1])
 
   batch = x.shape[0]
-  sums = metric_defs.reconstruction_sums(x, out["x_hat"], out["f"])
+  sums = metric_defs.reconstruction_sums(x, out["x_hat"], fire_count=out["fire_count"])
   fire_count = sums["fire_count"]
   tokens_since_fired = jnp.where(fire_count > 0, 0,
                                  jnp.minimum(state.tokens_since_fired + batch, feature_window_tokens))
@@ -47,6 +55,7 @@ def train_step(state: TrainState, x: jax.Array, coefficients: Mapping[str, jax.A
   metrics.update({f"coef_{name}": jnp.asarray(v) for name, v in coefficients.items()})
   metrics["dead_fraction"] = jnp.mean((tokens_since_fired >= feature_window_tokens).astype(jnp.float32))
   metrics["dense_fraction"] = metric_defs.dense_fraction(window_fire_count, window_tokens)
+  metrics["sparse_step"] = jnp.asarray(float(idx is not None))
 
   window_full = window_tokens >= feature_window_tokens
   new_state = TrainState(
@@ -68,35 +77,74 @@ def resample_step(state: TrainState, x: jax.Array, *, graphdef, tx, logical_axes
                        tokens_since_fired=jnp.where(dead, 0, state.tokens_since_fired))
 
 
-def jit_sharded(fn, mesh: Mesh, state_shardings, rules, with_metrics: bool):
-  """jax.jit of fn(state, x) with the state sharded by the rules and donated."""
+def jit_sharded(fn, mesh: Mesh, state_shardings, rules, with_metrics: bool, extra=()):
+  """jax.jit of fn(state, x, *extra_args) with the state sharded by the rules and donated;
+  `extra` holds the shardings of the extra arguments."""
   batch_sharding = NamedSharding(mesh, sharding.batch_spec(rules))
   replicated = NamedSharding(mesh, P())
   out = (state_shardings, replicated) if with_metrics else state_shardings
-  return jax.jit(fn, in_shardings=(state_shardings, batch_sharding), out_shardings=out,
+  return jax.jit(fn, in_shardings=(state_shardings, batch_sharding, *extra), out_shardings=out,
                  donate_argnums=0)
 
 
 def compile_steps(spec: SAESpec, mesh: Mesh, state_shardings, rules, tx,
-                  feature_window_tokens: int):
-  """(train_step, resample_step), both jitted with shardings.
+                  feature_window_tokens: int, path: paths.PathChoice = paths.PathChoice(False),
+                  sequential_members: bool = False):
+  """(train_step, resample_step): callables (state, x) -> ..., jitted with shardings.
 
-  With a sweep (`spec.sweep`), the state has a leading member axis and both steps are
-  `jax.vmap`ped over it, each member at its own value of the swept coefficient: every member
-  sees the same batch (one data pass).
+  With a sweep (`spec.sweep`), the state has a leading member axis and each member trains at
+  its own value of the swept coefficient on the same batch (one data pass): `jax.vmap`ped
+  over the members, or with `sequential_members` one member after another (`lax.map`), which
+  is faster where the batched products are slower than single ones.
+
+  On the sparse `path` a train step is `paths.find_support`, then on the host the sparse step
+  or, where the slots miss part of some member's support, the dense step on the same products.
   """
   step = functools.partial(train_step, graphdef=spec.graphdef, tx=tx,
-                           feature_window_tokens=feature_window_tokens)
+                           feature_window_tokens=feature_window_tokens,
+                           dead_capacity=path.dead_capacity)
   resample = functools.partial(resample_step, graphdef=spec.graphdef, tx=tx,
                                logical_axes=spec.logical_axes,
                                feature_window_tokens=feature_window_tokens)
   values = spec.sweep_values()
   if values is None:
-    train_fn = lambda state, x: step(state, x, spec.coefficients_at(state.step))
-    resample_fn = resample
+    over_members = lambda fn: lambda states, *a: fn(states, None, *a)
+    coefficients = lambda s, v: spec.coefficients_at(s.step)
   else:
-    train_fn = lambda states, x: jax.vmap(
-        lambda s, v: step(s, x, spec.coefficients_at(s.step, v)))(states, values)
-    resample_fn = lambda states, x: jax.vmap(lambda s: resample(s, x))(states)
-  return (jit_sharded(train_fn, mesh, state_shardings, rules, True),
-          jit_sharded(resample_fn, mesh, state_shardings, rules, False))
+    batched = ((lambda fn: lambda *a: jax.lax.map(lambda args: fn(*args), a))
+               if sequential_members else jax.vmap)
+    over_members = lambda fn: lambda states, *a: batched(fn)(states, values, *a)
+    coefficients = lambda s, v: spec.coefficients_at(s.step, v)
+  resample_fn = jit_sharded(lambda states, x: over_members(lambda s, v: resample(s, x))(states),
+                            mesh, state_shardings, rules, False)
+  dense_fn = jit_sharded(
+      lambda states, x: over_members(lambda s, v: step(s, x, coefficients(s, v)))(states),
+      mesh, state_shardings, rules, True)
+  if not path.sparse:
+    return dense_fn, resample_fn
+
+  lead = (None,) if values is not None else ()
+  products_sharding = {name: NamedSharding(mesh, P(*lead, *sharding.logical_spec(
+      ("batch", "features"), rules))) for name in spec.support_products()}
+  idx_sharding = NamedSharding(mesh, P(*lead, *sharding.logical_spec(("batch", None), rules)))
+  support_fn = jax.jit(
+      lambda states, x: over_members(lambda s, v: paths.find_support(
+          s.params, x, coefficients(s, v), dead_features(s, feature_window_tokens),
+          graphdef=spec.graphdef, choice=path))(states),
+      out_shardings=(products_sharding, idx_sharding, NamedSharding(mesh, P())))
+  fallback_fn = jit_sharded(
+      lambda states, x, products: over_members(
+          lambda s, v, p: step(s, x, coefficients(s, v), p))(states, products),
+      mesh, state_shardings, rules, True, (products_sharding,))
+  sparse_fn = jit_sharded(
+      lambda states, x, products, idx: over_members(
+          lambda s, v, p, i: step(s, x, coefficients(s, v), p, i))(states, products, idx),
+      mesh, state_shardings, rules, True, (products_sharding, idx_sharding))
+
+  def train_fn(states, x):
+    products, idx, exceeds = support_fn(states, x)
+    if bool(jnp.any(exceeds)):  # the one host sync of a sparse step
+      return fallback_fn(states, x, products)
+    return sparse_fn(states, x, products, idx)
+
+  return train_fn, resample_fn

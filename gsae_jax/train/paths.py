@@ -1,0 +1,104 @@
+"""The loss gradient by the dense path or the exact sparse path, and the choice between them.
+
+Dense: every architecture's loss over all d_sae features (`features.AllFeatures`).
+Sparse: the encoder product is still dense (it decides which features fire), but everything
+after it runs on each token's K highest-scoring features (`features.TokenSlots`): the decoder,
+the auxiliary decoders and every gradient, so a step costs about 2 n M FLOPs per token plus a
+top-k and O(K n) gathers and scatter-adds, instead of 10-16 n M. A step is two jitted calls:
+`find_support` (encoder products, slots, and whether K slots miss part of the support:
+`SAE.exceeds_capacity`, e.g. early in training when many features fire), then, chosen on the
+host, the sparse step or the dense one on the same products: never a step with a feature
+dropped. (A `lax.cond` between the two ran 5-10x slower on XLA:CPU than either branch alone.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import jax
+from flax import nnx
+
+from gsae_jax.sae import features
+from gsae_jax.sae.spec import SAESpec
+
+# `auto` takes the sparse path when K slots are at most this fraction of the dictionary: on the
+# 2-core CPU of BUILD_NOTES ("Sparse step"), the sparse Gated step wins from d_sae / K ~ 40
+# (gathers and scatter-adds of K rows cost about 5x their FLOPs in dense matmul time there).
+AUTO_MAX_SLOT_FRACTION = 1 / 40
+
+
+@dataclasses.dataclass(frozen=True)
+class PathChoice:
+  """How train steps compute gradients: `sparse` with `capacity` slots per token (and up to
+  `dead_capacity` dead latents for AuxK), else dense."""
+  sparse: bool
+  capacity: int = 0
+  dead_capacity: int = 0
+
+
+def choose(train_config, spec: SAESpec) -> PathChoice:
+  """The path from `train.path` ('auto' | 'dense' | 'sparse') and the sparse capacities.
+
+  The default capacity (`train.sparse_capacity=0`) is 64 slots per token, or twice the largest
+  integer coefficient (TopK's k; BatchTopK gives some tokens more than k) when that is more.
+  """
+  path = train_config.get("path", "dense")  # configs saved before the sparse path: dense
+  has_sparse = spec.support_products() is not None
+  if path == "sparse" and not has_sparse:
+    raise ValueError(f"train.path='sparse': the {spec.architecture.NAME} SAE with this config "
+                     f"has no sparse step (e.g. a straight-through gate backward); use 'auto' or "
+                     f"'dense'")
+  capacity = int(train_config.get("sparse_capacity", 0)) or max(64, 2 * spec.largest_integer_coefficient())
+  capacity = min(capacity, spec.d_sae - 1)
+  dead_capacity = min(int(train_config.get("sparse_dead_capacity", 1024)), spec.d_sae)
+  if path == "auto":
+    sparse = has_sparse and capacity <= AUTO_MAX_SLOT_FRACTION * spec.d_sae
+  else:
+    sparse = path == "sparse"
+  return PathChoice(sparse, capacity, dead_capacity)
+
+
+def sequential_members(sweep_config, choice: PathChoice) -> bool:
+  """Whether a sweep's members run one after another (`sweep.execution`). 'auto': on CPU,
+  where a vmapped sweep measured 0.78x the speed of separate steps (BUILD_NOTES), and on the
+  sparse path (vmapped gathers and scatter-adds batch poorly)."""
+  execution = sweep_config.get("execution", "vmap")
+  if execution == "auto":
+    return choice.sparse or jax.default_backend() == "cpu"
+  return execution == "sequential"
+
+
+def find_support(params, x: jax.Array, coefficients: Mapping[str, jax.Array], dead: jax.Array,
+                 *, graphdef, choice: PathChoice):
+  """(products, idx, exceeds) for a sparse step on the batch x [batch, d_in]: the encoder
+  products {weight name: [batch, d_sae]}, each token's `choice.capacity` highest-scoring
+  features idx [batch, K], and whether K slots miss part of the support (bool [])."""
+  sae = nnx.merge(graphdef, params)
+  recorder = features.Recorder()
+  score = sae.support_score(x, coefficients, recorder)
+  top, idx = features.slots(score, choice.capacity)
+  exceeds = sae.exceeds_capacity(top, coefficients, dead, choice.dead_capacity)
+  return recorder.products, idx, exceeds
+
+
+def loss_grads(params, x: jax.Array, coefficients: Mapping[str, jax.Array], dead: jax.Array, *,
+               graphdef, products=None, idx=None, dead_capacity: int = 0):
+  """(grads, terms, out): the loss gradient at params for the batch x [batch, d_in], dense, or
+  with `idx` on each token's slots; `products` (from `find_support`) are reused, not recomputed.
+
+  out holds 'x_hat' [batch, d_in], 'fire_count' [d_sae] and the architecture's other outputs.
+  """
+  if idx is not None:
+    view = features.TokenSlots(idx, dead.shape[-1], products, dead_capacity)
+  else:
+    view = features.AllFeatures(products)
+
+  def loss_fn(p):
+    terms, out = nnx.merge(graphdef, p).loss_terms(x, coefficients, dead, view)
+    return sum(terms.values()), (terms, out)
+
+  grads, (terms, out) = jax.grad(loss_fn, has_aux=True)(params)
+  out = dict(out)
+  out["fire_count"] = view.fire_count(out.pop("f"))
+  return grads, terms, out
