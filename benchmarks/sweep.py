@@ -1,10 +1,11 @@
-r"""Cost of a vmapped lambda sweep (one data pass) versus separate runs, per training step.
+r"""Cost of a sweep (one data pass) versus separate runs, per training step.
 
   python benchmarks/sweep.py --d_in=640 --d_sae=2048 --batch=1024 --members=3
 
-Times the jitted train step of a K-member sweep state against K single-SAE steps on the same
-batch (best of --steps each, interleaved so that machine noise hits both alike). Data loading is
-not included: a real sweep additionally saves K - 1 reads of every batch.
+Times the jitted train step of a K-member sweep state, its members vmapped and run one after
+another (`sweep.execution`), against one single-SAE step on the same batch (best of --steps
+each, interleaved so that machine noise hits all alike). Data loading is not included: a real
+sweep additionally saves K - 1 reads of every batch.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per variant (the best one
 _ARCH = flags.DEFINE_enum("architecture", registry.names()[0], registry.names(), "SAE architecture.")
 
 
-def _stepper(grid):
+def _stepper(grid, sequential=False):
   c = base.get_config()
   c.sae.architecture, c.sae.d_sae, c.train.batch_size = _ARCH.value, _D_SAE.value, _BATCH.value
   c.sweep.grid = grid  # over the architecture's first coefficient
@@ -42,7 +43,8 @@ def _stepper(grid):
   spec, rules = describe(c, _D_IN.value), tuple(map(tuple, c.mesh.rules))
   tx = optim.make_optimizer(c.optim, c.train.steps, spec.architecture.UNIT_NORM_DECODER)
   state, shardings = create_train_state(spec, mesh, rules, tx)
-  step, _ = compile_steps(spec, mesh, shardings, rules, tx, c.train.feature_window_tokens)
+  step, _ = compile_steps(spec, mesh, shardings, rules, tx, c.train.feature_window_tokens,
+                          sequential_members=sequential)
   return [state, step]
 
 
@@ -57,16 +59,18 @@ def main(argv):
   del argv
   k = _MEMBERS.value
   x = jax.random.normal(jax.random.key(0), (_BATCH.value, _D_IN.value))
-  sweep = _stepper(tuple(float(2**i) for i in range(k)))
-  single = _stepper(())
-  _time(sweep, x), _time(single, x)  # compile
-  best_sweep = best_single = float("inf")
+  grid = tuple(float(2**i) for i in range(k))
+  steppers = {"vmap": _stepper(grid), "sequential": _stepper(grid, True), "single": _stepper(())}
+  best = {name: float("inf") for name in steppers}
+  for holder in steppers.values():
+    _time(holder, x)  # compile
   for _ in range(_STEPS.value):
-    best_sweep = min(best_sweep, _time(sweep, x))
-    best_single = min(best_single, _time(single, x))
-  print(f"{_ARCH.value} n={_D_IN.value} M={_D_SAE.value} batch={_BATCH.value}: sweep of {k} "
-        f"{best_sweep:.3f} s/step, {k} separate steps {k * best_single:.3f} s: "
-        f"{k * best_single / best_sweep:.2f}x")
+    for name, holder in steppers.items():
+      best[name] = min(best[name], _time(holder, x))
+  print(f"{_ARCH.value} n={_D_IN.value} M={_D_SAE.value} batch={_BATCH.value}, {k} members: "
+        + ", ".join(f"{name} sweep {best[name]:.3f} s/step ({best[name] / best['single']:.2f}x "
+                    f"one member's step)" for name in ("vmap", "sequential"))
+        + f"; {k} separate steps {k * best['single']:.3f} s")
 
 
 if __name__ == "__main__":

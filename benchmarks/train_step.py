@@ -21,11 +21,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from experiments import base  # noqa: E402
 from gsae_jax import sharding  # noqa: E402
-from gsae_jax.sae import features, registry  # noqa: E402
+from gsae_jax.sae import registry  # noqa: E402
 from gsae_jax.train import optim, paths  # noqa: E402
 from gsae_jax.sae.spec import describe  # noqa: E402
 from gsae_jax.train.state import create_train_state  # noqa: E402
@@ -42,6 +41,7 @@ _PATH = flags.DEFINE_enum("path", "dense", ["dense", "sparse", "auto", "both"],
                           "Train path; 'both' times dense and sparse interleaved.")
 _L0 = flags.DEFINE_float("l0", None, "Set the state's L0 on the batch (support bias shifted, or "
                          "k for TopK-like SAEs); default: the initial state's.")
+_CAPACITY = flags.DEFINE_integer("capacity", 0, "train.sparse_capacity (0: the default).")
 _SAELENS = flags.DEFINE_bool("saelens", False, "Also time SAELens' step (torch, CPU) interleaved.")
 
 
@@ -63,30 +63,13 @@ def matmul_peak_timer(size: int):
   return lambda: 2 * size**3 / _best_seconds(matmul, a, b, repeats=1) / 1e9
 
 
-# The per-feature bias that shifts each architecture's support score (--l0 calibration); TopK-like
-# architectures set k = l0 instead.
-_SUPPORT_BIAS = {"gated": "b_gate", "baseline": "b_enc", "jumprelu": "b_enc"}
-
-
-def _calibrate(config, spec, state, x, l0: float):
-  """The state with its support bias shifted so that about l0 features per token fire on x."""
-  name = _SUPPORT_BIAS[spec.name]
-  sae = nnx.merge(spec.graphdef, state.params)
-  score = sae.support_score(x, spec.coefficients_at(jnp.asarray(10**9)), features.Recorder())
-  flat = jnp.sort(score.reshape(-1))
-  shift = -flat[int(flat.size * (1 - l0 / spec.d_sae))]
-  params = {**state.params, name: state.params[name] + shift}
-  return state.replace(params=jax.device_put(params, jax.tree.map(lambda a: a.sharding,
-                                                                    state.params)))
-
-
 def train_step_timer(architecture: str, d_in: int, d_sae: int, batch: int, path: str = "dense",
                      l0: float | None = None):
   """A function timing one train step (seconds) on a fixed batch, compiled and warmed up, and
   the L0 that step measured."""
   c = base.get_config()
   c.sae.architecture, c.sae.d_sae, c.train.batch_size, c.train.steps = architecture, d_sae, batch, 1000
-  c.train.path = path
+  c.train.path, c.train.sparse_capacity = path, _CAPACITY.value
   cls = registry.get(architecture)
   integer = [coef for coef in cls.COEFFICIENTS if coef.integer]
   if l0 and integer:
@@ -99,8 +82,9 @@ def train_step_timer(architecture: str, d_in: int, d_sae: int, batch: int, path:
   step, _ = compile_steps(spec, mesh, shardings, rules, tx, c.train.feature_window_tokens, choice)
   x = jax.device_put(jax.random.normal(jax.random.key(2), (batch, d_in)),
                      jax.sharding.NamedSharding(mesh, sharding.batch_spec()))
-  if l0 and not integer:
-    state = _calibrate(c, spec, state, x, l0)
+  if l0 and not integer:  # e.g. b_gate shifted: a trained SAE's sparsity on this batch
+    params = paths.with_support_l0(spec, state.params, x, l0)
+    state = state.replace(params=jax.device_put(params, shardings.params))
   holder = [state, {}]
 
   def one_step() -> float:

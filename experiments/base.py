@@ -47,8 +47,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.path = "auto"               # 'dense' | 'sparse' (exact, on each token's active
                                       # features; dense fallback on overflow) | 'auto' (sparse
                                       # where it pays: gsae_jax/train/paths.py)
-  c.train.sparse_capacity = 0         # active features per token on the sparse path; 0: 64, or
-                                      # 2 k for TopK-like SAEs
+  c.train.sparse_capacity = 0         # active features per token on the sparse path; 0: 128,
+                                      # or 2 k for TopK-like SAEs
+  c.train.compute_dtype = "float32"   # 'bfloat16': matmuls in bf16 (float32 results, params,
+                                      # optimiser state and loss sums); bf16 shards fed as bf16
   c.train.sparse_dead_capacity = 1024  # dead latents AuxK handles on the sparse path
 
   c.checkpoint = ml_collections.ConfigDict()

@@ -10,6 +10,7 @@ from gsae_jax.sae import registry
 DATA_SOURCES = ("synthetic", "shards")
 PATHS = ("auto", "dense", "sparse")  # train.path: gsae_jax/train/paths.py
 SWEEP_EXECUTIONS = ("auto", "vmap", "sequential")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def _check(ok: bool, field: str, expected: str, found) -> None:
@@ -42,6 +43,8 @@ def validate(config, mesh_shape: dict[str, int]) -> None:
   _check(train.feature_window_tokens > 0, "train.feature_window_tokens", "> 0",
          train.feature_window_tokens)
   _check(train.resample_every >= 0, "train.resample_every", ">= 0 (0 = off)", train.resample_every)
+  _check(train.compute_dtype in COMPUTE_DTYPES, "train.compute_dtype",
+         f"one of {COMPUTE_DTYPES}", train.compute_dtype)
   _check(train.path in PATHS, "train.path", f"one of {PATHS}", train.path)
   _check(train.sparse_capacity >= 0, "train.sparse_capacity", ">= 0 (0: the default)",
          train.sparse_capacity)

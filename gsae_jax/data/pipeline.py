@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from gsae_jax.data.shards import ShardSet
+from gsae_jax.data.shards import DTYPES, ShardSet
 
 _ROUNDS = 6
 _FOREVER = sys.maxsize // 2  # batches in an endless stream (Grain needs a length)
@@ -71,13 +71,14 @@ def batch_rows(batch: int, num_tokens: int, global_batch: int, seed: int, proces
 
 
 class ShardIterator:
-  """`BatchIterator` over a `ShardSet`: [global_batch, d_model] float32, scaled by `scale`,
-  sharded with `sharding`. State: Grain's iterator state plus what must match on restore."""
+  """`BatchIterator` over a `ShardSet`: [global_batch, d_model] float32 (bfloat16 shards stay
+  bfloat16 with `keep_bf16`), scaled by `scale`, sharded with `sharding`. State: Grain's
+  iterator state plus what must match on restore."""
 
   def __init__(self, shard_set: ShardSet, global_batch: int, sharding: NamedSharding,
                scale: float = 1.0, seed: int = 0, num_epochs: int = 0, num_threads: int = 2,
                prefetch: int = 4, process_index: int | None = None,
-               process_count: int | None = None):
+               process_count: int | None = None, keep_bf16: bool = False):
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
     if global_batch % self.process_count:
@@ -87,6 +88,8 @@ class ShardIterator:
       raise ValueError(f"data.num_epochs={num_epochs}: expected >= 0 (0 = repeat forever)")
     self.shard_set, self.global_batch, self.sharding = shard_set, global_batch, sharding
     self.scale, self.seed, self.num_epochs = float(scale), seed, num_epochs
+    self.dtype = (shard_set.dtype if keep_bf16 and shard_set.dtype == DTYPES["bfloat16"]
+                  else np.dtype(np.float32))
     n = shard_set.num_tokens
     self.num_batches = num_epochs * n // global_batch if num_epochs else _FOREVER
     dataset = grain.MapDataset.range(self.num_batches).map(self._read)
@@ -100,7 +103,7 @@ class ShardIterator:
 
   def _read(self, batch: int) -> np.ndarray:
     rows = self.rows(batch)
-    x = self.shard_set.gather(rows).astype(np.float32, copy=False)
+    x = self.shard_set.gather(rows).astype(self.dtype, copy=False)
     finite = np.isfinite(x).all(axis=1)
     if not finite.all():  # the open-time scan was switched off, or a file changed under us
       row = int(rows[np.argmin(finite)])
@@ -108,7 +111,7 @@ class ShardIterator:
       raise ValueError(f"shard {self.shard_set.paths()[s]}: non-finite activations (NaN or Inf) "
                        f"at row {row - self.shard_set.offsets[s]}")
     if self.scale != 1.0:
-      x *= np.float32(self.scale)
+      x *= x.dtype.type(self.scale)  # bf16: rounded once more, as the bf16 matmul would
     return x
 
   def __iter__(self):

@@ -90,6 +90,11 @@ class ShardSet:
     return int(self.manifest["d_model"])
 
   @property
+  def dtype(self) -> np.dtype:
+    """The stored dtype (float32 or bfloat16)."""
+    return DTYPES[self.manifest["dtype"]]
+
+  @property
   def num_tokens(self) -> int:
     return int(self.offsets[-1])
 

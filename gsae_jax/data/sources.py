@@ -91,7 +91,9 @@ def _shards(config, out: NamedSharding) -> BatchSource:
                      f"{shards.MANIFEST}, but config.data.d_in={data.d_in}")
   target = resolve_target(data.normalise_target, shard_set.d_model)
   scale = scale_for_mean_sq(shard_set.mean_sq_norm(), target)
+  # bf16 shards feed a bf16-compute step as bf16: no float32 copy on the host.
+  keep_bf16 = config.train.get("compute_dtype", "float32") == "bfloat16"
   batches = ShardIterator(shard_set, config.train.batch_size, out, scale, seed=data.seed,
                           num_epochs=data.num_epochs, num_threads=data.num_threads,
-                          prefetch=data.prefetch)
+                          prefetch=data.prefetch, keep_bf16=keep_bf16)
   return BatchSource(shard_set.d_model, batches, scale, None)

@@ -76,6 +76,9 @@ class SAE(nnx.Module):
   SAELENS_ARCHITECTURE: ClassVar[str | None]
   # Decoder rows kept at unit norm by the optimiser (gradient projection + renormalisation).
   UNIT_NORM_DECODER: ClassVar[bool] = True
+  # The per-feature bias added to `support_score` (benchmarks and tests set a state's L0 with
+  # it); None where L0 is a coefficient (TopK's k).
+  SUPPORT_BIAS: ClassVar[str | None] = None
 
   # --- config -------------------------------------------------------------------------
   @classmethod

@@ -14,34 +14,38 @@ dropped. (A `lax.cond` between the two ran 5-10x slower on XLA:CPU than either b
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from gsae_jax.sae import features
 from gsae_jax.sae.spec import SAESpec
 
 # `auto` takes the sparse path when K slots are at most this fraction of the dictionary: on the
-# 2-core CPU of BUILD_NOTES ("Sparse step"), the sparse Gated step wins from d_sae / K ~ 40
-# (gathers and scatter-adds of K rows cost about 5x their FLOPs in dense matmul time there).
-AUTO_MAX_SLOT_FRACTION = 1 / 40
+# 2-core CPU of BUILD_NOTES ("Sparse step"), the sparse Gated step lost at d_sae / K = 80
+# (0.89x) and won at 512; gathers and scatter-adds of K rows run far below matmul speed there.
+AUTO_MAX_SLOT_FRACTION = 1 / 128
 
 
 @dataclasses.dataclass(frozen=True)
 class PathChoice:
   """How train steps compute gradients: `sparse` with `capacity` slots per token (and up to
-  `dead_capacity` dead latents for AuxK), else dense."""
+  `dead_capacity` dead latents for AuxK), else dense; matmuls in `compute_dtype` (None: the
+  parameters' float32) with float32 results."""
   sparse: bool
   capacity: int = 0
   dead_capacity: int = 0
+  compute_dtype: Any = None
 
 
 def choose(train_config, spec: SAESpec) -> PathChoice:
   """The path from `train.path` ('auto' | 'dense' | 'sparse') and the sparse capacities.
 
-  The default capacity (`train.sparse_capacity=0`) is 64 slots per token, or twice the largest
-  integer coefficient (TopK's k; BatchTopK gives some tokens more than k) when that is more.
+  The default capacity (`train.sparse_capacity=0`) is 128 slots per token (a trained SAE's
+  per-token L0 varies: 72 at mean 32 in the benchmark's state), or twice the largest integer
+  coefficient (TopK's k; BatchTopK gives some tokens more than k) when that is more.
   """
   path = train_config.get("path", "dense")  # configs saved before the sparse path: dense
   has_sparse = spec.support_products() is not None
@@ -49,14 +53,16 @@ def choose(train_config, spec: SAESpec) -> PathChoice:
     raise ValueError(f"train.path='sparse': the {spec.architecture.NAME} SAE with this config "
                      f"has no sparse step (e.g. a straight-through gate backward); use 'auto' or "
                      f"'dense'")
-  capacity = int(train_config.get("sparse_capacity", 0)) or max(64, 2 * spec.largest_integer_coefficient())
+  capacity = int(train_config.get("sparse_capacity", 0)) or max(128, 2 * spec.largest_integer_coefficient())
   capacity = min(capacity, spec.d_sae - 1)
   dead_capacity = min(int(train_config.get("sparse_dead_capacity", 1024)), spec.d_sae)
   if path == "auto":
     sparse = has_sparse and capacity <= AUTO_MAX_SLOT_FRACTION * spec.d_sae
   else:
     sparse = path == "sparse"
-  return PathChoice(sparse, capacity, dead_capacity)
+  compute_dtype = {"float32": None, "bfloat16": jnp.bfloat16}[
+      train_config.get("compute_dtype", "float32")]
+  return PathChoice(sparse, capacity, dead_capacity, compute_dtype)
 
 
 def sequential_members(sweep_config, choice: PathChoice) -> bool:
@@ -75,7 +81,7 @@ def find_support(params, x: jax.Array, coefficients: Mapping[str, jax.Array], de
   products {weight name: [batch, d_sae]}, each token's `choice.capacity` highest-scoring
   features idx [batch, K], and whether K slots miss part of the support (bool [])."""
   sae = nnx.merge(graphdef, params)
-  recorder = features.Recorder()
+  recorder = features.Recorder(compute_dtype=choice.compute_dtype)
   score = sae.support_score(x, coefficients, recorder)
   top, idx = features.slots(score, choice.capacity)
   exceeds = sae.exceeds_capacity(top, coefficients, dead, choice.dead_capacity)
@@ -83,16 +89,17 @@ def find_support(params, x: jax.Array, coefficients: Mapping[str, jax.Array], de
 
 
 def loss_grads(params, x: jax.Array, coefficients: Mapping[str, jax.Array], dead: jax.Array, *,
-               graphdef, products=None, idx=None, dead_capacity: int = 0):
+               graphdef, choice: PathChoice, products=None, idx=None):
   """(grads, terms, out): the loss gradient at params for the batch x [batch, d_in], dense, or
   with `idx` on each token's slots; `products` (from `find_support`) are reused, not recomputed.
 
   out holds 'x_hat' [batch, d_in], 'fire_count' [d_sae] and the architecture's other outputs.
   """
   if idx is not None:
-    view = features.TokenSlots(idx, dead.shape[-1], products, dead_capacity)
+    view = features.TokenSlots(idx, dead.shape[-1], products, choice.dead_capacity,
+                               choice.compute_dtype)
   else:
-    view = features.AllFeatures(products)
+    view = features.AllFeatures(products, choice.compute_dtype)
 
   def loss_fn(p):
     terms, out = nnx.merge(graphdef, p).loss_terms(x, coefficients, dead, view)
@@ -102,3 +109,18 @@ def loss_grads(params, x: jax.Array, coefficients: Mapping[str, jax.Array], dead
   out = dict(out)
   out["fire_count"] = view.fire_count(out.pop("f"))
   return grads, terms, out
+
+
+def with_support_l0(spec: SAESpec, params, x: jax.Array, l0: float):
+  """params with the architecture's `SUPPORT_BIAS` shifted by one constant so that on the batch
+  x about l0 features per token have a positive support score (benchmarks and tests: a trained
+  SAE's sparsity without training one)."""
+  name = spec.architecture.SUPPORT_BIAS
+  if name is None:
+    raise ValueError(f"the {spec.name} SAE sets its L0 by a coefficient, not a bias")
+  sae = nnx.merge(spec.graphdef, params)
+  coefficients = spec.coefficients_at(jnp.asarray(2**30))
+  score = sae.support_score(x, coefficients, features.Recorder())
+  flat = jnp.sort(score.reshape(-1))
+  shift = -flat[int(flat.size * (1 - l0 / spec.d_sae))]
+  return {**params, name: params[name] + shift.astype(params[name].dtype)}

@@ -26,16 +26,16 @@ def dead_features(state: TrainState, feature_window_tokens: int) -> jax.Array:
 
 def train_step(state: TrainState, x: jax.Array, coefficients: Mapping[str, jax.Array],
                products=None, idx=None, *, graphdef, tx: optax.GradientTransformation,
-               feature_window_tokens: int, dead_capacity: int = 0):
+               feature_window_tokens: int, choice: paths.PathChoice = paths.PathChoice(False)):
   """Returns (new_state, metrics) for one batch x [batch, d_in] at the named loss coefficients.
 
   Dense by default; with `products` and `idx` from `paths.find_support`, the sparse path on
   each token's slots (metric `sparse_step` = 1), with `products` alone the dense path reusing
-  them (`gsae_jax.train.paths`).
+  them (`gsae_jax.train.paths`); `choice` holds the capacities and the compute dtype.
   """
   dead = dead_features(state, feature_window_tokens)
   grads, terms, out = paths.loss_grads(state.params, x, coefficients, dead, graphdef=graphdef,
-                                       products=products, idx=idx, dead_capacity=dead_capacity)
+                                       choice=choice, products=products, idx=idx)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   sae = nnx.merge(graphdef, params)
@@ -101,8 +101,7 @@ def compile_steps(spec: SAESpec, mesh: Mesh, state_shardings, rules, tx,
   or, where the slots miss part of some member's support, the dense step on the same products.
   """
   step = functools.partial(train_step, graphdef=spec.graphdef, tx=tx,
-                           feature_window_tokens=feature_window_tokens,
-                           dead_capacity=path.dead_capacity)
+                           feature_window_tokens=feature_window_tokens, choice=path)
   resample = functools.partial(resample_step, graphdef=spec.graphdef, tx=tx,
                                logical_axes=spec.logical_axes,
                                feature_window_tokens=feature_window_tokens)

@@ -14,9 +14,10 @@ from gsae_jax.train.loop import train
 L1 = {"gated": 3.0, "baseline": 3.0}
 
 
-def _train(architecture):
+def _train(architecture, compute_dtype="float32"):
   c = synthetic.get_config()
   c.sae.architecture = architecture
+  c.train.compute_dtype = compute_dtype
   c.sae[architecture].l1_coefficient = L1[architecture]
   c.train.log_every = c.train.steps
   mesh = sharding.make_mesh(1, 1)
@@ -29,7 +30,8 @@ def _train(architecture):
 
 @pytest.fixture(scope="module")
 def results():
-  return {arch: _train(arch) for arch in ("gated", "baseline")}
+  return {**{arch: _train(arch) for arch in ("gated", "baseline")},
+          "gated_bf16": _train("gated", "bfloat16")}
 
 
 def test_matched_l0(results):
@@ -37,10 +39,13 @@ def test_matched_l0(results):
   assert abs(l0_g - l0_b) / l0_b < 0.2, (l0_g, l0_b)
 
 
-def test_gated_is_unbiased_and_recovers_features(results):
-  g = results["gated"]
+@pytest.mark.parametrize("run", ["gated", "gated_bf16"])
+def test_gated_is_unbiased_and_recovers_features(results, run):
+  """Also with bf16 matmuls (train.compute_dtype): the same thresholds as float32."""
+  g = results[run]
   assert abs(g["gamma"] - 1) < 0.02, g
   assert g["mmcs"] >= 0.9, g
+  assert abs(g["l0"] - results["gated"]["l0"]) / results["gated"]["l0"] < 0.2, g
 
 
 def test_baseline_shrinks(results):
