@@ -42,6 +42,7 @@ _PATH = flags.DEFINE_enum("path", "dense", ["dense", "sparse", "auto", "both"],
 _L0 = flags.DEFINE_float("l0", None, "Set the state's L0 on the batch (support bias shifted, or "
                          "k for TopK-like SAEs); default: the initial state's.")
 _CAPACITY = flags.DEFINE_integer("capacity", 0, "train.sparse_capacity (0: the default).")
+_CHUNKS = flags.DEFINE_integer("batch_chunks", 0, "train.batch_chunks (0: auto, 1: none).")
 _SAELENS = flags.DEFINE_bool("saelens", False, "Also time SAELens' step (torch, CPU) interleaved.")
 
 
@@ -70,6 +71,7 @@ def train_step_timer(architecture: str, d_in: int, d_sae: int, batch: int, path:
   c = base.get_config()
   c.sae.architecture, c.sae.d_sae, c.train.batch_size, c.train.steps = architecture, d_sae, batch, 1000
   c.train.path, c.train.sparse_capacity = path, _CAPACITY.value
+  c.train.batch_chunks = _CHUNKS.value
   cls = registry.get(architecture)
   integer = [coef for coef in cls.COEFFICIENTS if coef.integer]
   if l0 and integer:
@@ -78,7 +80,7 @@ def train_step_timer(architecture: str, d_in: int, d_sae: int, batch: int, path:
   spec, rules = describe(c, d_in), tuple(map(tuple, c.mesh.rules))
   tx = optim.make_optimizer(c.optim, c.train.steps, spec.architecture.UNIT_NORM_DECODER)
   state, shardings = create_train_state(spec, mesh, rules, tx)
-  choice = paths.choose(c.train, spec)
+  choice = paths.choose(c.train, spec, mesh.shape["data"])
   step, _ = compile_steps(spec, mesh, shardings, rules, tx, c.train.feature_window_tokens, choice)
   x = jax.device_put(jax.random.normal(jax.random.key(2), (batch, d_in)),
                      jax.sharding.NamedSharding(mesh, sharding.batch_spec()))

@@ -49,6 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
                                       # where it pays: gsae_jax/train/paths.py)
   c.train.sparse_capacity = 0         # active features per token on the sparse path; 0: 128,
                                       # or 2 k for TopK-like SAEs
+  c.train.batch_chunks = 0            # gradients accumulated over this many parts of the batch
+                                      # (lax.scan); 0: parts of ~1024 tokens per device
   c.train.compute_dtype = "float32"   # 'bfloat16': matmuls in bf16 (float32 results, params,
                                       # optimiser state and loss sums); bf16 shards fed as bf16
   c.train.sparse_dead_capacity = 1024  # dead latents AuxK handles on the sparse path

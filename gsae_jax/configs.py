@@ -45,6 +45,7 @@ def validate(config, mesh_shape: dict[str, int]) -> None:
   _check(train.resample_every >= 0, "train.resample_every", ">= 0 (0 = off)", train.resample_every)
   _check(train.compute_dtype in COMPUTE_DTYPES, "train.compute_dtype",
          f"one of {COMPUTE_DTYPES}", train.compute_dtype)
+  _check(train.batch_chunks >= 0, "train.batch_chunks", ">= 0 (0: auto)", train.batch_chunks)
   _check(train.path in PATHS, "train.path", f"one of {PATHS}", train.path)
   _check(train.sparse_capacity >= 0, "train.sparse_capacity", ">= 0 (0: the default)",
          train.sparse_capacity)

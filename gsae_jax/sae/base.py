@@ -79,6 +79,9 @@ class SAE(nnx.Module):
   # The per-feature bias added to `support_score` (benchmarks and tests set a state's L0 with
   # it); None where L0 is a coefficient (TopK's k).
   SUPPORT_BIAS: ClassVar[str | None] = None
+  # The loss is a mean over tokens of per-token terms, so a batch may be processed in parts
+  # (`train.batch_chunks`); False for losses that select over the whole batch (BatchTopK).
+  TOKENWISE_LOSS: ClassVar[bool] = True
 
   # --- config -------------------------------------------------------------------------
   @classmethod

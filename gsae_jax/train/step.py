@@ -34,8 +34,9 @@ def train_step(state: TrainState, x: jax.Array, coefficients: Mapping[str, jax.A
   them (`gsae_jax.train.paths`); `choice` holds the capacities and the compute dtype.
   """
   dead = dead_features(state, feature_window_tokens)
-  grads, terms, out = paths.loss_grads(state.params, x, coefficients, dead, graphdef=graphdef,
-                                       choice=choice, products=products, idx=idx)
+  grads, terms, out = paths.loss_grads_in_chunks(state.params, x, coefficients, dead,
+                                                 graphdef=graphdef, choice=choice,
+                                                 products=products, idx=idx)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   sae = nnx.merge(graphdef, params)

@@ -169,3 +169,27 @@ def test_with_support_l0_sets_the_support_size(tiny_config):
   score = nnx.merge(spec.graphdef, params).support_score(x, spec.coefficients_at(jnp.asarray(0)),
                                                          features.Recorder())
   assert abs(float(jnp.mean(jnp.sum(score > 0, axis=-1))) - 10) < 0.1
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if registry.get(n).TOKENWISE_LOSS])
+def test_batch_chunks_equal_one_pass(tiny_config, name):
+  """Gradients accumulated over 4 parts of the batch (dense and sparse) equal one pass."""
+  setup = _setup(tiny_config, name, (2, 1))
+  whole, _, _ = _train(setup, paths.PathChoice(sparse=False))
+  for sparse in (False, True):
+    chunked, flags, _ = _train(setup, paths.PathChoice(sparse, capacity=32, dead_capacity=D_SAE,
+                                                       batch_chunks=4))
+    assert flags == [float(sparse)] * STEPS
+    _assert_params_close(chunked, whole)
+
+
+def test_batch_chunks_refused_for_batch_level_selection(tiny_config):
+  name = next(n for n in NAMES if not registry.get(n).TOKENWISE_LOSS)
+  c = tiny_config.copy_and_resolve_references()
+  c.sae.architecture, c.train.batch_chunks = name, 2
+  with pytest.raises(ValueError, match="not a mean over tokens"):
+    paths.choose(c.train, describe(c, c.data.d_in))
+  c.train.batch_chunks = 0
+  assert paths.choose(c.train, describe(c, c.data.d_in)).batch_chunks == 1
+  c.sae.architecture, c.train.batch_size = NAMES[0], 8192
+  assert paths.choose(c.train, describe(c, c.data.d_in), data_parallel=2).batch_chunks == 4
