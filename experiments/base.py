@@ -47,8 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.path = "auto"               # 'dense' | 'sparse' (exact, on each token's active
                                       # features; dense fallback on overflow) | 'auto' (sparse
                                       # where it pays: gsae_jax/train/paths.py)
-  c.train.sparse_capacity = 0         # active features per token on the sparse path; 0: 128,
-                                      # or 2 k for TopK-like SAEs
+  c.train.sparse_capacity = 0         # active features per token on the sparse path; 0: the
+                                      # architecture's default (128; TopK: k)
   c.train.batch_chunks = 0            # gradients accumulated over this many parts of the batch
                                       # (lax.scan); 0: parts of ~1024 tokens per device
   c.train.compute_dtype = "float32"   # 'bfloat16': matmuls in bf16 (float32 results, params,

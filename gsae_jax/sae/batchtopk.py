@@ -76,6 +76,11 @@ class BatchTopKSAE(TopKSAE):
     out["min_kept"] = jnp.min(jnp.where(f > 0, f, jnp.inf)).astype(jnp.float32)
     return terms, out
 
+  @classmethod
+  def sparse_capacity(cls, largest_k: int) -> int:
+    """Tokens keep k latents only on average: 128 slots, or 2 k if more."""
+    return max(128, 2 * largest_k)
+
   def exceeds_capacity(self, top, coefficients, dead, dead_capacity):
     """K slots miss part of the support if some token's (K + 1)-th value reaches the batch's
     threshold, found among the slots (it is the true one exactly when nothing is missed)."""

@@ -177,6 +177,11 @@ class TopKSAE(SAE):
     """The selection's values: each token's support is its k largest."""
     return self._positive(self.pre_activations(x, view))
 
+  @classmethod
+  def sparse_capacity(cls, largest_k: int) -> int:
+    """k: each token's support is exactly its k largest (one more slot tells ties)."""
+    return largest_k
+
   def exceeds_capacity(self, top, coefficients, dead, dead_capacity):
     """K slots miss part of the support if k > K, or if the (K + 1)-th value ties the k-th
     (top_k_mask keeps ties) and is not a ReLU zero; AuxK's view holds up to dead_capacity."""

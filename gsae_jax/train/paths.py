@@ -49,9 +49,8 @@ def choose(train_config, spec: SAESpec, data_parallel: int = 1) -> PathChoice:
   """The path from `train.path` ('auto' | 'dense' | 'sparse'), the sparse capacities, the
   compute dtype and the batch chunks (`batch_chunks`; `data_parallel`: the mesh's data axis).
 
-  The default capacity (`train.sparse_capacity=0`) is 128 slots per token (a trained SAE's
-  per-token L0 varies: 72 at mean 32 in the benchmark's state), or twice the largest integer
-  coefficient (TopK's k; BatchTopK gives some tokens more than k) when that is more.
+  The default capacity (`train.sparse_capacity=0`) is the architecture's `sparse_capacity`
+  (128 slots per token; TopK's k).
   """
   path = train_config.get("path", "dense")  # configs saved before the sparse path: dense
   has_sparse = spec.support_products() is not None
@@ -59,7 +58,11 @@ def choose(train_config, spec: SAESpec, data_parallel: int = 1) -> PathChoice:
     raise ValueError(f"train.path='sparse': the {spec.architecture.NAME} SAE with this config "
                      f"has no sparse step (e.g. a straight-through gate backward); use 'auto' or "
                      f"'dense'")
-  capacity = int(train_config.get("sparse_capacity", 0)) or max(128, 2 * spec.largest_integer_coefficient())
+  capacity = (int(train_config.get("sparse_capacity", 0))
+              or spec.architecture.sparse_capacity(spec.largest_integer_coefficient()))
+  if capacity < spec.largest_integer_coefficient():
+    raise ValueError(f"train.sparse_capacity={capacity}: expected at least the largest k, "
+                     f"{spec.largest_integer_coefficient()} (every step would run dense)")
   capacity = min(capacity, spec.d_sae - 1)
   dead_capacity = min(int(train_config.get("sparse_dead_capacity", 1024)), spec.d_sae)
   if path == "auto":
