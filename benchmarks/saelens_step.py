@@ -1,6 +1,7 @@
 r"""SAELens' own training step on CPU torch, to set beside ours (benchmarks/train_step.py).
 
-  python benchmarks/saelens_step.py --architecture=gated --d_in=640 --d_sae=10240 --batch=4096 --l0=32
+  python benchmarks/saelens_step.py --architecture=gated --d_in=640 --d_sae=10240 \
+      --batch=4096 --l0=32
 
 One step is what SAELens' SAETrainer does per batch, minus its bookkeeping, grad-norm clipping
 and schedulers: `TrainingSAE.training_forward_pass` (the loss exactly as SAELens trains it), then

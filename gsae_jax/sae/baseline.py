@@ -14,8 +14,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from gsae_jax.sae.base import (ALL, SAE, Coefficient, centered_matmul, random_unit_rows, reset_where,
-                               resample_linear_pair, sum_sq)
+from gsae_jax.sae.base import (ALL, SAE, Coefficient, centered_matmul, random_unit_rows,
+                               reset_where, resample_linear_pair, sum_sq)
 
 
 class BaselineSAE(SAE):

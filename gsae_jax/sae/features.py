@@ -122,7 +122,8 @@ class TokenSlots(_Precision):
 
   def fire_count(self, f: jax.Array) -> jax.Array:
     fired = (f > 0).astype(jnp.float32).reshape(-1)
-    return jnp.zeros((self.d_sae,), jnp.float32).at[self.idx.reshape(-1)].add(fired, mode=_IN_BOUNDS)
+    counts = jnp.zeros((self.d_sae,), jnp.float32)
+    return counts.at[self.idx.reshape(-1)].add(fired, mode=_IN_BOUNDS)
 
   def dead_latents(self, dead: jax.Array) -> "Columns":
     return Columns.of(dead, self.dead_capacity, self.compute_dtype)

@@ -19,8 +19,8 @@ import numpy as np
 from flax import nnx
 
 from gsae_jax.sae import features
-from gsae_jax.sae.base import (ALL, SAE, Coefficient, centered_matmul, random_unit_rows, reset_where,
-                               resample_linear_pair, sum_sq)
+from gsae_jax.sae.base import (ALL, SAE, Coefficient, centered_matmul, random_unit_rows,
+                               reset_where, resample_linear_pair, sum_sq)
 
 
 def _order_key(values: jax.Array) -> jax.Array:

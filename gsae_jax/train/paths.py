@@ -37,7 +37,8 @@ CHUNK_TOKENS = 1024
 class PathChoice:
   """How train steps compute gradients: `sparse` with `capacity` slots per token (and up to
   `dead_capacity` dead latents for AuxK), else dense; matmuls in `compute_dtype` (None: the
-  parameters' float32) with float32 results."""
+  parameters' float32) with float32 results; the batch in `batch_chunks` parts
+  (`loss_grads_in_chunks`)."""
   sparse: bool
   capacity: int = 0
   dead_capacity: int = 0
@@ -141,21 +142,6 @@ def loss_grads(params, x: jax.Array, coefficients: Mapping[str, jax.Array], dead
   return grads, terms, out
 
 
-def with_support_l0(spec: SAESpec, params, x: jax.Array, l0: float):
-  """params with the architecture's `SUPPORT_BIAS` shifted by one constant so that on the batch
-  x about l0 features per token have a positive support score (benchmarks and tests: a trained
-  SAE's sparsity without training one)."""
-  name = spec.architecture.SUPPORT_BIAS
-  if name is None:
-    raise ValueError(f"the {spec.name} SAE sets its L0 by a coefficient, not a bias")
-  sae = nnx.merge(spec.graphdef, params)
-  coefficients = spec.coefficients_at(jnp.asarray(2**30))
-  score = sae.support_score(x, coefficients, features.Recorder())
-  flat = jnp.sort(score.reshape(-1))
-  shift = -flat[int(flat.size * (1 - l0 / spec.d_sae))]
-  return {**params, name: params[name] + shift.astype(params[name].dtype)}
-
-
 def loss_grads_in_chunks(params, x: jax.Array, coefficients: Mapping[str, jax.Array],
                          dead: jax.Array, *, graphdef, choice: PathChoice, products=None,
                          idx=None):
@@ -184,3 +170,18 @@ def loss_grads_in_chunks(params, x: jax.Array, coefficients: Mapping[str, jax.Ar
   mean = lambda tree: jax.tree.map(lambda a: a / chunks, tree)
   x_hat = jnp.swapaxes(x_hat, 0, 1).reshape(x.shape[0], -1)
   return mean(grads), mean(terms), {"x_hat": x_hat, "fire_count": fire_count}
+
+
+def with_support_l0(spec: SAESpec, params, x: jax.Array, l0: float):
+  """params with the architecture's `SUPPORT_BIAS` shifted by one constant so that on the batch
+  x about l0 features per token have a positive support score (benchmarks and tests: a trained
+  SAE's sparsity without training one)."""
+  name = spec.architecture.SUPPORT_BIAS
+  if name is None:
+    raise ValueError(f"the {spec.name} SAE sets its L0 by a coefficient, not a bias")
+  sae = nnx.merge(spec.graphdef, params)
+  coefficients = spec.coefficients_at(jnp.asarray(2**30))
+  score = sae.support_score(x, coefficients, features.Recorder())
+  flat = jnp.sort(score.reshape(-1))
+  shift = -flat[int(flat.size * (1 - l0 / spec.d_sae))]
+  return {**params, name: params[name] + shift.astype(params[name].dtype)}
