@@ -193,3 +193,5 @@ def test_batch_chunks_refused_for_batch_level_selection(tiny_config):
   assert paths.choose(c.train, describe(c, c.data.d_in)).batch_chunks == 1
   c.sae.architecture, c.train.batch_size = NAMES[0], 8192
   assert paths.choose(c.train, describe(c, c.data.d_in), data_parallel=2).batch_chunks == 4
+  c.train.path = "sparse"  # its temporaries are small: no parts unless asked
+  assert paths.choose(c.train, describe(c, c.data.d_in), data_parallel=2).batch_chunks == 1
