@@ -17,6 +17,7 @@ from gsae_jax.data import shards
 from gsae_jax.data.sources import make_source
 from gsae_jax.eval.metrics import mean_max_cosine
 from gsae_jax.sae.spec import SAESpec, describe
+from gsae_jax.train import paths
 from gsae_jax.train.loop import train
 from gsae_jax.train.state import TrainState
 
@@ -29,8 +30,8 @@ def _fmt(value) -> str:
   return f"{value:.4g}"
 
 
-def progress_line(step: int, total: int, m: dict) -> str:
-  terms = " ".join(f"{k}={_fmt(m[k])}" for k in _SHOWN if k in m)
+def progress_line(step: int, total: int, m: dict, shown: tuple[str, ...] = _SHOWN) -> str:
+  terms = " ".join(f"{k}={_fmt(m[k])}" for k in shown if k in m)
   return f"step {step}/{total} {m['tokens_per_s']:,.0f} tokens/s {terms}"
 
 
@@ -66,11 +67,13 @@ def run(config, workdir: str, restore_step: int | None = None) -> TrainingRun:
   configs.validate(config, dict(mesh.shape))
   source = make_source(config, mesh)  # opening shards verifies them: bad data stops here
   spec = describe(config, source.d_in)
+  path = paths.choose(config.train, spec, mesh.shape["data"])  # refuses bad combinations
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
-  print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)",
-        flush=True)
+  print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); "
+        f"{paths.describe_choice(path)}", flush=True)
+  shown = _SHOWN + ("sparse_step",) if path.sparse else _SHOWN
   with open(os.path.join(workdir, "source.json"), "w") as f:
     json.dump(source_description(config, source), f, indent=2)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -85,7 +88,7 @@ def run(config, workdir: str, restore_step: int | None = None) -> TrainingRun:
   log_path = os.path.join(workdir, "metrics.jsonl") if distributed.is_primary() else os.devnull
   with open(log_path, "a") as log_file:
     def on_metrics(step, m):
-      print(progress_line(step, config.train.steps, m), flush=True)
+      print(progress_line(step, config.train.steps, m, shown), flush=True)
       log_file.write(json.dumps({"step": step, **m}) + "\n")
       log_file.flush()
 

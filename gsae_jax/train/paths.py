@@ -76,6 +76,16 @@ def choose(train_config, spec: SAESpec, data_parallel: int = 1) -> PathChoice:
                     batch_chunks(train_config, spec, data_parallel, sparse))
 
 
+def describe_choice(choice: PathChoice) -> str:
+  """One line for the run's log, e.g. 'sparse step (128 slots per token, dense when a support
+  does not fit), batch in 1 part, float32 matmuls'."""
+  path = (f"sparse step ({choice.capacity} slots per token, dense when a support does not fit)"
+          if choice.sparse else "dense step")
+  dtype = "bfloat16" if choice.compute_dtype is not None else "float32"
+  parts = "part" if choice.batch_chunks == 1 else "parts"
+  return f"{path}, batch in {choice.batch_chunks} {parts}, {dtype} matmuls"
+
+
 def batch_chunks(train_config, spec: SAESpec, data_parallel: int, sparse: bool = False) -> int:
   """`train.batch_chunks`, or for 0 (auto) parts of about CHUNK_TOKENS tokens per device on the
   dense path (the sparse path's temporaries are small, and each part would add a pass over the
