@@ -25,7 +25,6 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from gsae_jax.sae import features
 from gsae_jax.sae.features import ALL, AllFeatures
 
 Check = Any  # callable(ok: bool, field: str, expected: str, found) raising ValueError
@@ -158,12 +157,13 @@ class SAE(nnx.Module):
     (max 72 at mean 32 in the benchmark's state) and an overflowing step runs dense."""
     return 128
 
-  def exceeds_capacity(self, top: jax.Array, coefficients: Mapping[str, jax.Array],
-                       dead: jax.Array | None, dead_capacity: int) -> jax.Array:
-    """Whether K slots per token miss part of the support: `top` [batch, K + 1] holds each
-    token's K + 1 highest scores, sorted (read it with `features.column` / `features.last`).
-    The default: a (K + 1)-th positive score."""
-    return jnp.any(features.last(top) > 0)
+  def slots_needed(self, top: jax.Array, coefficients: Mapping[str, jax.Array],
+                   dead: jax.Array | None, dead_capacity: int) -> jax.Array:
+    """How many leading slots hold every token's support (int32 []): `top` [batch, K + 1]
+    holds each token's K + 1 highest scores, sorted (read it with whole-array operations, see
+    `features.slots`). K + 1 means the K slots miss part of some support. The default: the
+    largest count of positive scores."""
+    return jnp.max(jnp.sum(top > 0, axis=-1)).astype(jnp.int32)
 
   def update_statistics(self, out: Mapping[str, jax.Array]) -> None:
     """After an optimiser step: update `Statistic` variables from loss_terms' outputs."""

@@ -22,7 +22,6 @@ import numpy as np
 from flax import nnx
 
 from gsae_jax.sae.base import Statistic
-from gsae_jax.sae import features
 from gsae_jax.sae.features import ALL
 from gsae_jax.sae.topk import TopKSAE, top_k_mask
 
@@ -81,17 +80,17 @@ class BatchTopKSAE(TopKSAE):
     """Tokens keep k latents only on average: 128 slots, or 2 k if more."""
     return max(128, 2 * largest_k)
 
-  def exceeds_capacity(self, top, coefficients, dead, dead_capacity):
-    """K slots miss part of the support if some token's (K + 1)-th value reaches the batch's
-    threshold, found among the slots (it is the true one exactly when nothing is missed)."""
+  def slots_needed(self, top, coefficients, dead, dead_capacity):
+    """The largest count of a token's values at or above the batch's threshold, found among
+    the K slots (it is the true threshold exactly when nothing is missed: then no (K + 1)-th
+    value reaches it); AuxK's dead latents as TopK's."""
     slots = top.shape[-1] - 1
     candidates = jnp.where(jnp.arange(slots + 1) < slots, top, -jnp.inf)
     kept = top_k_mask(candidates, top.shape[0] * coefficients["k"], per_row=False)
     threshold = jnp.min(jnp.where(kept, candidates, jnp.inf))
-    last = features.last(top)
-    missed = (last >= threshold) & (last > 0)
+    needed = jnp.max(jnp.sum((top >= threshold) & (top > 0), axis=-1)).astype(jnp.int32)
     too_many_dead = False if dead is None else jnp.sum(dead) > dead_capacity
-    return jnp.any(missed) | too_many_dead
+    return jnp.where(too_many_dead, slots + 1, needed)
 
   def update_statistics(self, out) -> None:
     """theta <- theta + rate (min_kept - theta); the first estimate is min_kept itself; a batch

@@ -210,12 +210,12 @@ _slot_product.defvjp(_slot_product_fwd, _slot_product_bwd)
 
 def slots(score: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
   """(top, idx), each [batch, capacity + 1]: each token's capacity + 1 highest scores, sorted,
-  and their features. The support fits in `capacity` slots when the last score is outside it
-  (`SAE.exceeds_capacity`); the step then uses all capacity + 1 slots, the last contributing 0.
+  and their features. `SAE.slots_needed(top, ...)` says how many leading slots hold every
+  token's support (capacity + 1: they do not fit).
 
-  Neither output is sliced, and `top` is read with whole-array operations (`column`, `last`):
+  Neither output is sliced here, and `top` is read with whole-array operations (`column`):
   XLA:CPU turned a top_k with sliced outputs into a full sort (6 s instead of 0.3 s at
-  [4096, 10240]).
+  [4096, 10240]); the train step slices `idx` in its own jitted computation.
   """
   return jax.lax.top_k(score, capacity + 1)
 
@@ -223,8 +223,3 @@ def slots(score: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
 def column(top: jax.Array, i: jax.Array | int) -> jax.Array:
   """top[:, i] ([batch]) for a possibly traced i, as a masked sum (see `slots`)."""
   return jnp.sum(jnp.where(jnp.arange(top.shape[-1]) == i, top, 0), axis=-1)
-
-
-def last(top: jax.Array) -> jax.Array:
-  """The (K + 1)-th score of each token: the smallest of its sorted top ([batch])."""
-  return jnp.min(top, axis=-1)

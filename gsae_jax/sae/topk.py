@@ -182,15 +182,16 @@ class TopKSAE(SAE):
     """k: each token's support is exactly its k largest (one more slot tells ties)."""
     return largest_k
 
-  def exceeds_capacity(self, top, coefficients, dead, dead_capacity):
-    """K slots miss part of the support if k > K, or if the (K + 1)-th value ties the k-th
-    (top_k_mask keeps ties) and is not a ReLU zero; AuxK's view holds up to dead_capacity."""
+  def slots_needed(self, top, coefficients, dead, dead_capacity):
+    """k, or more where the k-th value ties later ones (top_k_mask keeps ties); ReLU zeros add
+    nothing. All K + 1 slots (does not fit) if k > K or AuxK has more than dead_capacity
+    dead latents."""
     k = coefficients["k"]
     slots = top.shape[-1] - 1
-    last = features.last(top)
-    tie = (last >= features.column(top, k - 1)) & (last > 0 if self.relu else True)
+    kept = (top >= features.column(top, k - 1)[..., None]) & (top > 0 if self.relu else True)
+    needed = jnp.max(jnp.sum(kept, axis=-1)).astype(jnp.int32)
     too_many_dead = False if dead is None else jnp.sum(dead) > dead_capacity
-    return (k > slots) | jnp.any(tie) | too_many_dead
+    return jnp.where((k > slots) | too_many_dead, slots + 1, needed)
 
   def reinit_features(self, dead: jax.Array, directions: jax.Array, enc_norm: jax.Array) -> None:
     resample_linear_pair(self, "W_enc", dead, directions, enc_norm)

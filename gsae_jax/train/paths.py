@@ -5,9 +5,10 @@ Sparse: the encoder product is still dense (it decides which features fire), but
 after it runs on each token's K highest-scoring features (`features.TokenSlots`): the decoder,
 the auxiliary decoders and every gradient, so a step costs about 2 n M FLOPs per token plus a
 top-k and O(K n) gathers and scatter-adds, instead of 10-16 n M. A step is two jitted calls:
-`find_support` (encoder products, slots, and whether K slots miss part of the support:
-`SAE.exceeds_capacity`, e.g. early in training when many features fire), then, chosen on the
-host, the sparse step or the dense one on the same products: never a step with a feature
+`find_support` (encoder products, slots, and how many slots the support needs:
+`SAE.slots_needed`), then, chosen on the host, the sparse step on the smallest compiled number
+of slots that holds it (`slot_buckets`), or the dense step on the same products when K slots
+do not (e.g. early in training, when many features fire): never a step with a feature
 dropped. (A `lax.cond` between the two ran 5-10x slower on XLA:CPU than either branch alone.)
 """
 
@@ -120,15 +121,23 @@ def sequential_members(sweep_config, choice: PathChoice) -> bool:
 
 def find_support(params, x: jax.Array, coefficients: Mapping[str, jax.Array], dead: jax.Array,
                  *, graphdef, choice: PathChoice):
-  """(products, idx, exceeds) for a sparse step on the batch x [batch, d_in]: the encoder
-  products {weight name: [batch, d_sae]}, each token's `choice.capacity` highest-scoring
-  features idx [batch, K], and whether K slots miss part of the support (bool [])."""
+  """(products, idx, needed) for a sparse step on the batch x [batch, d_in]: the encoder
+  products {weight name: [batch, d_sae]}, each token's K + 1 highest-scoring features
+  idx [batch, K + 1] (K = `choice.capacity`), best first, and how many leading slots hold
+  every token's support (int32 []; K + 1: K slots do not)."""
   sae = nnx.merge(graphdef, params)
   recorder = features.Recorder(compute_dtype=choice.compute_dtype)
   score = sae.support_score(x, coefficients, recorder)
   top, idx = features.slots(score, choice.capacity)
-  exceeds = sae.exceeds_capacity(top, coefficients, dead, choice.dead_capacity)
-  return recorder.products, idx, exceeds
+  needed = sae.slots_needed(top, coefficients, dead, choice.dead_capacity)
+  return recorder.products, idx, needed
+
+
+def slot_buckets(capacity: int) -> tuple[int, ...]:
+  """The slot counts a sparse step is compiled for (each on first use): 1/4, 3/8, 1/2, 3/4 and
+  all of the capacity. A step uses the smallest that holds its support: with 128 slots and a
+  largest support of 72, 96 slots instead of 128 (row gathers cost in proportion)."""
+  return tuple(sorted({max(1, capacity * f // 8) for f in (2, 3, 4, 6)} | {capacity}))
 
 
 def loss_grads(params, x: jax.Array, coefficients: Mapping[str, jax.Array], dead: jax.Array, *,

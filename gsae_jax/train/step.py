@@ -99,7 +99,8 @@ def compile_steps(spec: SAESpec, mesh: Mesh, state_shardings, rules, tx,
   is faster where the batched products are slower than single ones.
 
   On the sparse `path` a train step is `paths.find_support`, then on the host the sparse step
-  or, where the slots miss part of some member's support, the dense step on the same products.
+  on the smallest of `paths.slot_buckets` that holds every member's support, or, where the
+  capacity does not, the dense step on the same products.
   """
   step = functools.partial(train_step, graphdef=spec.graphdef, tx=tx,
                            feature_window_tokens=feature_window_tokens, choice=path)
@@ -136,15 +137,24 @@ def compile_steps(spec: SAESpec, mesh: Mesh, state_shardings, rules, tx,
       lambda states, x, products: over_members(
           lambda s, v, p: step(s, x, coefficients(s, v), p))(states, products),
       mesh, state_shardings, rules, True, (products_sharding,))
-  sparse_fn = jit_sharded(
-      lambda states, x, products, idx: over_members(
-          lambda s, v, p, i: step(s, x, coefficients(s, v), p, i))(states, products, idx),
-      mesh, state_shardings, rules, True, (products_sharding, idx_sharding))
+  sparse_fns = {}
+  buckets = paths.slot_buckets(path.capacity)
+
+  def sparse_fn(slots: int):
+    """The sparse step on the first `slots` slots (compiled once per slot count)."""
+    if slots not in sparse_fns:
+      sparse_fns[slots] = jit_sharded(
+          lambda states, x, products, idx: over_members(
+              lambda s, v, p, i: step(s, x, coefficients(s, v), p, i[..., :slots]))(
+                  states, products, idx),
+          mesh, state_shardings, rules, True, (products_sharding, idx_sharding))
+    return sparse_fns[slots]
 
   def train_fn(states, x):
-    products, idx, exceeds = support_fn(states, x)
-    if bool(jnp.any(exceeds)):  # the one host sync of a sparse step
+    products, idx, needed = support_fn(states, x)
+    needed = int(jnp.max(needed))  # the one host sync of a sparse step (max over members)
+    if needed > path.capacity:
       return fallback_fn(states, x, products)
-    return sparse_fn(states, x, products, idx)
+    return sparse_fn(next(b for b in buckets if b >= needed))(states, x, products, idx)
 
   return train_fn, resample_fn

@@ -79,9 +79,9 @@ def test_one_float32_step_equals_dense(tiny_config, name):
   coefficients = spec.coefficients_at(jnp.asarray(10**6))
   dead = jnp.arange(D_SAE) % 3 == 0  # AuxK's dead latents too
   sparse = paths.PathChoice(True, capacity=32, dead_capacity=D_SAE)
-  products, idx, exceeds = paths.find_support(params, xs[0], coefficients, dead,
-                                              graphdef=spec.graphdef, choice=sparse)
-  assert not bool(exceeds)
+  products, idx, needed = paths.find_support(params, xs[0], coefficients, dead,
+                                             graphdef=spec.graphdef, choice=sparse)
+  assert int(needed) <= 32
   want, want_terms, _ = paths.loss_grads(params, xs[0], coefficients, dead,
                                          graphdef=spec.graphdef, choice=paths.PathChoice(False))
   got, got_terms, _ = paths.loss_grads(params, xs[0], coefficients, dead, graphdef=spec.graphdef,
@@ -195,3 +195,8 @@ def test_batch_chunks_refused_for_batch_level_selection(tiny_config):
   assert paths.choose(c.train, describe(c, c.data.d_in), data_parallel=2).batch_chunks == 4
   c.train.path = "sparse"  # its temporaries are small: no parts unless asked
   assert paths.choose(c.train, describe(c, c.data.d_in), data_parallel=2).batch_chunks == 1
+
+
+def test_slot_buckets():
+  assert paths.slot_buckets(128) == (32, 48, 64, 96, 128)
+  assert paths.slot_buckets(5) == (1, 2, 3, 5)
