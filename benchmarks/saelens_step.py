@@ -19,34 +19,40 @@ import time
 from typing import Callable
 
 import torch
-from sae_lens import saes
+from sae_lens import registry as saelens_registry
 from sae_lens.saes.sae import TrainCoefficientConfig, TrainingSAE, TrainStepInput
 
-# Our architecture names -> SAELens' training SAE class name prefixes.
-_CLASSES = {"gated": "Gated", "baseline": "Standard", "standard": "Standard", "topk": "TopK",
-            "jumprelu": "JumpReLU"}
+from gsae_jax.sae import registry
+
+
+def training_classes(architecture: str):
+  """(SAELens training SAE class, its config class) for our `architecture`, from its
+  `SAELENS_TRAINING_ARCHITECTURE`."""
+  name = registry.get(architecture).SAELENS_TRAINING_ARCHITECTURE
+  if name not in saelens_registry.SAE_TRAINING_CLASS_REGISTRY:
+    raise ValueError(f"SAELens has no training SAE for our {architecture!r} (found {name!r})")
+  return saelens_registry.get_sae_training_class(name)
 
 
 def _setup(architecture: str, d_in: int, d_sae: int, batch: int,
            l0: float | None) -> tuple[TrainingSAE, torch.Tensor]:
-  """A fresh SAELens training SAE and a fixed random batch, its bias calibrated to `l0`."""
-  prefix = _CLASSES.get(architecture)
-  sae_cls = getattr(saes, f"{prefix}TrainingSAE", None)
-  cfg_cls = getattr(saes, f"{prefix}TrainingSAEConfig", None)
-  if sae_cls is None or cfg_cls is None:
-    raise ValueError(f"no SAELens training SAE for architecture {architecture!r}; "
-                     f"known: {sorted(_CLASSES)}")
+  """A fresh SAELens training SAE and a fixed random batch, calibrated to `l0` as ours is
+  (benchmarks/train_step.py): our `SUPPORT_BIAS` (SAELens names it alike) shifted, or the
+  integer coefficient (k) set."""
+  cls = registry.get(architecture)
+  sae_cls, cfg_cls = training_classes(architecture)
   torch.set_num_threads(os.cpu_count() or 1)
   torch.manual_seed(0)
-  extra = {"k": round(l0)} if architecture == "topk" and l0 is not None else {}
+  integer = [c.field for c in cls.COEFFICIENTS if c.integer]
+  extra = {integer[0]: round(l0)} if integer and l0 is not None else {}
   sae = sae_cls(cfg_cls(d_in=d_in, d_sae=d_sae, dtype="float32", device="cpu", **extra))
   x = torch.randn(batch, d_in, dtype=torch.float32)
-  if l0 is not None and architecture != "topk":
-    bias = sae.b_gate if architecture == "gated" else sae.b_enc
+  if l0 is not None and cls.SUPPORT_BIAS:
+    bias = getattr(sae, cls.SUPPORT_BIAS)
     with torch.no_grad():
       pre = sae.process_sae_in(x) @ sae.W_enc + bias  # the gate's pre-activation
-      if architecture == "jumprelu":
-        pre -= sae.threshold  # JumpReLU fires above its threshold, not above 0
+      if hasattr(sae, "threshold"):
+        pre -= sae.threshold  # a JumpReLU fires above its threshold, not above 0
       flat = pre.flatten()
       k = min(max(flat.numel() - round(l0 * batch), 1), flat.numel())
       bias -= torch.kthvalue(flat, k).values  # the (1 - l0 / d_sae) quantile moves to 0
@@ -95,7 +101,7 @@ def main() -> None:
   """Calibrate, then print the measured L0 and the best of --steps step times."""
   # argparse, not absl flags: importing this next to train_step.py must not redefine its flags.
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--architecture", default="gated", choices=sorted(_CLASSES))
+  p.add_argument("--architecture", default="gated", choices=registry.names())
   p.add_argument("--d_in", type=int, default=640, help="Activation size n.")
   p.add_argument("--d_sae", type=int, default=10240, help="Dictionary size M.")
   p.add_argument("--batch", type=int, default=4096, help="Tokens per step.")

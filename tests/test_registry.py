@@ -289,3 +289,11 @@ def test_dry_run_fits_and_names_the_architecture(tiny_config, capsys, name):
   assert plan.dry_run_sae(config, 8, None) is None
   out = capsys.readouterr().out
   assert f"{name} SAE d_in=16 d_sae=64" in out and "mesh {'data': 2, 'model': 4}" in out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_saelens_training_class_exists(name):
+  """The benchmarks time SAELens' training SAE named by SAELENS_TRAINING_ARCHITECTURE."""
+  from sae_lens import registry as saelens_registry
+  training = registry.get(name).SAELENS_TRAINING_ARCHITECTURE
+  assert training is None or training in saelens_registry.SAE_TRAINING_CLASS_REGISTRY, training

@@ -73,6 +73,9 @@ class SAE(nnx.Module):
   DECODER_PRODUCTS: ClassVar[int]
   # The `architecture` of the SAELens folder this SAE exports to; None: no SAELens equivalent.
   SAELENS_ARCHITECTURE: ClassVar[str | None]
+  # SAELens' training class with the same loss (`sae_lens.registry`; benchmarks time it beside
+  # ours); None: SAELens trains no such SAE.
+  SAELENS_TRAINING_ARCHITECTURE: ClassVar[str | None] = None
   # Decoder rows kept at unit norm by the optimiser (gradient projection + renormalisation).
   UNIT_NORM_DECODER: ClassVar[bool] = True
   # The per-feature bias added to `support_score` (benchmarks and tests set a state's L0 with

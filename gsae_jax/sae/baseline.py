@@ -34,6 +34,7 @@ class BaselineSAE(SAE):
   ACTIVATION_BUFFERS = 3       # fitted to XLA's memory_analysis (k ~ 2.8)
   DECODER_PRODUCTS = 1
   SAELENS_ARCHITECTURE = "standard"
+  SAELENS_TRAINING_ARCHITECTURE = "standard"
   SUPPORT_BIAS = "b_enc"
 
   @classmethod

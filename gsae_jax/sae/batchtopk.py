@@ -34,6 +34,7 @@ class BatchTopKSAE(TopKSAE):
   ACTIVATION_BUFFERS = 7  # fitted to XLA's memory_analysis (k ~ 6.6-7.3 on the three meshes)
   # SAELens stores BatchTopK SAEs as JumpReLU with theta broadcast to every feature.
   SAELENS_ARCHITECTURE = "jumprelu"
+  SAELENS_TRAINING_ARCHITECTURE = "batchtopk"
   TOKENWISE_LOSS = False  # the B k largest of the whole batch
 
   @classmethod

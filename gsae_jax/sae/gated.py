@@ -43,6 +43,7 @@ class GatedSAE(SAE):
   ACTIVATION_BUFFERS = 4
   DECODER_PRODUCTS = 2  # x_hat, and L_aux's x_hat_frozen
   SAELENS_ARCHITECTURE = "gated"
+  SAELENS_TRAINING_ARCHITECTURE = "gated"
   SUPPORT_BIAS = "b_gate"
 
   @classmethod

@@ -93,6 +93,7 @@ class JumpReLUSAE(SAE):
   ACTIVATION_BUFFERS = 5
   DECODER_PRODUCTS = 1
   SAELENS_ARCHITECTURE = "jumprelu"
+  SAELENS_TRAINING_ARCHITECTURE = "jumprelu"
   SUPPORT_BIAS = "b_enc"
   # The loss does not need it (it is invariant to scaling a decoder row up and its encoder
   # column, b_enc entry and threshold down), but unit rows fix the scale in which the bandwidth

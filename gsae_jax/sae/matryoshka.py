@@ -40,6 +40,7 @@ class MatryoshkaSAE(BatchTopKSAE):
   # Fitted to XLA's memory_analysis (k ~ 7.6-10.1 on the three meshes): slicing the sharded
   # feature axis into prefix groups reshards f, two buffers more than BatchTopK.
   ACTIVATION_BUFFERS = 9
+  SAELENS_TRAINING_ARCHITECTURE = "matryoshka_batchtopk"
   DECODER_PRODUCTS = 6    # the 5 default groups' partial decodes (stacked) and AuxK's e_hat
 
   @classmethod

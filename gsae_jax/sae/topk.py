@@ -72,6 +72,7 @@ class TopKSAE(SAE):
   ACTIVATION_BUFFERS = 6  # fitted to XLA's memory_analysis (k ~ 5.5-6.3 on the three meshes)
   DECODER_PRODUCTS = 2    # x_hat and AuxK's e_hat
   SAELENS_ARCHITECTURE = "topk"
+  SAELENS_TRAINING_ARCHITECTURE = "topk"
 
   @classmethod
   def aux_fields(cls) -> dict:

@@ -119,3 +119,12 @@ def test_nan_found_while_reading_when_open_scan_is_off(make_harvest, mesh):
                      NamedSharding(mesh, sharding.batch_spec()), num_epochs=1)
   with pytest.raises(ValueError, match=r"acts_00001.bin: non-finite .* row 0"):
     next(it)
+
+
+def test_bf16_shards_feed_bf16_when_asked(make_harvest, mesh):
+  """keep_bf16: bf16 shards come out as bf16 (no float32 copy on the host), same values."""
+  folder = make_harvest(4, dtype="bfloat16")
+  as_f32 = next(_iterator(folder, mesh, 16, seed=0, scale=0.5))
+  as_bf16 = next(_iterator(folder, mesh, 16, seed=0, scale=0.5, keep_bf16=True))
+  assert as_f32.dtype == np.float32 and str(as_bf16.dtype) == "bfloat16"
+  np.testing.assert_allclose(np.asarray(as_bf16, np.float32), np.asarray(as_f32), rtol=1e-2)

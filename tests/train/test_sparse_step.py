@@ -200,3 +200,19 @@ def test_batch_chunks_refused_for_batch_level_selection(tiny_config):
 def test_slot_buckets():
   assert paths.slot_buckets(128) == (32, 48, 64, 96, 128)
   assert paths.slot_buckets(5) == (1, 2, 3, 5)
+
+
+def test_bf16_compute_runs_matmuls_in_bf16(tiny_config):
+  """compute_dtype bf16: gradients close to float32's but not equal (the matmuls ran in bf16),
+  and every gradient stays float32."""
+  c, mesh, spec, rules, tx, xs = _setup(tiny_config, NAMES[0], (1, 1), "float32")
+  params, dead = spec.init_params(), jnp.zeros((D_SAE,), bool)
+  coefficients = spec.coefficients_at(jnp.asarray(10**6))
+  f32, _, _ = paths.loss_grads(params, xs[0], coefficients, dead, graphdef=spec.graphdef,
+                               choice=paths.PathChoice(False))
+  bf16, _, _ = paths.loss_grads(params, xs[0], coefficients, dead, graphdef=spec.graphdef,
+                                choice=paths.PathChoice(False, compute_dtype=jnp.bfloat16))
+  w = np.asarray(f32["W_dec"])
+  assert bf16["W_dec"].dtype == jnp.float32
+  diff = float(np.max(np.abs(np.asarray(bf16["W_dec"]) - w))) / float(np.max(np.abs(w)))
+  assert 1e-5 < diff < 5e-2, diff
