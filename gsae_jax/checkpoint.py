@@ -8,16 +8,48 @@ array directly in the shardings of the current mesh, whatever device count saved
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
+import tempfile
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import orbax.checkpoint as ocp
 
+from gsae_jax.errors import CheckpointError
 
-class CheckpointError(RuntimeError):
-  """A checkpoint exists but cannot be used; the message names the step and the way out."""
+__all__ = ["CheckpointError", "Checkpointer"]
+
+
+@contextlib.contextmanager
+def _stderr_held_back() -> Iterator[None]:
+  """Holds back what is written to fd 2 during the block: passed on if the block succeeds,
+  dropped (once the writers fall quiet) if it raises. A damaged checkpoint makes TensorStore's
+  in-flight reads call back into Orbax's closed event loop, and each prints a traceback that
+  would bury the one-line error."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    ok = False
+    try:
+      yield
+      ok = True
+    finally:
+      if not ok:  # wait (at most ~3 s) for the failing reads to finish printing
+        size, deadline = -1, time.time() + 3
+        while size != os.fstat(held.fileno()).st_size and time.time() < deadline:
+          size = os.fstat(held.fileno()).st_size
+          time.sleep(0.3)
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      if ok:
+        held.seek(0)
+        sys.stderr.buffer.write(held.read())
+        sys.stderr.flush()
 
 
 class Checkpointer:
@@ -34,9 +66,13 @@ class Checkpointer:
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
+  def due(self, step: int, force: bool = False) -> bool:
+    """Whether `save(step, ..., force=force)` would write a checkpoint."""
+    return (force or step % self.save_every == 0) and step not in self._manager.all_steps()
+
   def save(self, step: int, state: Any, data_state: dict, config: dict, *, force: bool = False) -> bool:
     """Saves if `step` is on the interval (or `force`); returns whether a save started."""
-    if (step % self.save_every and not force) or step in self._manager.all_steps():
+    if not self.due(step, force):
       return False
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(data_state),
@@ -59,7 +95,8 @@ class Checkpointer:
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                               data=ocp.args.JsonRestore())
     try:
-      restored = self._manager.restore(step, args=args)
+      with _stderr_held_back():
+        restored = self._manager.restore(step, args=args)
     except Exception as e:  # Orbax/tensorstore raise many types for damaged files.
       earlier = [s for s in steps if s < step]
       hint = (f"restore step {earlier[-1]} instead with --restore_step={earlier[-1]}" if earlier

@@ -8,18 +8,27 @@ Our SAEs act on normalised activations c * x_raw (GATED_SAE.md section 4); the S
 folds c in so that it acts on raw activations: for x_norm = c x_raw,
     (c x - b_dec) W + b = (x - b_dec / c)(c W) + b    and    x_hat_raw = f (W_dec / c) + b_dec / c.
 Pre-activations are unchanged, so thresholds (JumpReLU, BatchTopK) need no folding.
+Savers check every parameter before writing and write each file as `<file>.tmp` first, renaming
+only once all are written, so a failure leaves no half-written export. Loaders check names,
+shapes, dtypes and finiteness and name the file on any mismatch (`DataError`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import Any, Mapping
+import zipfile
+import zlib
+from typing import Any, Callable, Mapping
 
+import jax.numpy as jnp
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from gsae_jax import configs
+from gsae_jax.errors import DataError
 from gsae_jax.sae import registry
 from gsae_jax.sae.spec import SAESpec, from_metadata
 
@@ -47,36 +56,158 @@ def fold_input_scale(params: Mapping[str, np.ndarray], scale: float,
   return out
 
 
-def check_params(params: Mapping[str, Any], spec: SAESpec, where: str) -> None:
-  """ValueError naming `where` unless params have exactly the spec's names and shapes."""
+def check_finite(arrays: Mapping[str, Any], where: str, way_out: str = "") -> None:
+  """DataError naming `where` and the first array that is not floating point or holds NaN/Inf
+  (saying how many, then `way_out`)."""
+  for name, value in arrays.items():
+    value = np.asarray(value)
+    if not jnp.issubdtype(value.dtype, jnp.floating):  # jnp.issubdtype also knows bfloat16
+      raise DataError(f"{where}: parameter {name}: expected a floating-point array, found dtype "
+                      f"{value.dtype}")
+    bad = value.size - np.count_nonzero(np.isfinite(value))
+    if bad:
+      then = f"; {way_out}" if way_out else ""
+      raise DataError(f"{where}: parameter {name} has {bad} non-finite values (NaN or Inf) of "
+                      f"{value.size}{then}")
+
+
+def check_params(params: Mapping[str, Any], spec: SAESpec, where: str, *,
+                 sizes_from: str | None = None, way_out: str = "") -> None:
+  """DataError naming `where` unless params have exactly the spec's names and shapes and are
+  finite floating-point arrays. `sizes_from` names the file the spec's sizes were read from."""
   expected = {k: tuple(v.shape) for k, v in spec.abstract_params.items()}
   found = {k: tuple(np.shape(v)) for k, v in params.items()}
-  if expected != found:
-    raise ValueError(f"{where}: parameters {found} do not match a {spec.name} SAE "
-                     f"(d_in={spec.d_in}, d_sae={spec.d_sae}): expected {expected}")
+  problems = [f"{k} has shape {found[k]}, expected {expected[k]}"
+              for k in sorted(expected) if k in found and found[k] != expected[k]]
+  if set(expected) - set(found):
+    problems.append(f"missing {sorted(set(expected) - set(found))}")
+  if set(found) - set(expected):
+    problems.append(f"unexpected {sorted(set(found) - set(expected))}")
+  if problems:
+    said = f" (as {sizes_from} says)" if sizes_from else ""
+    raise DataError(f"{where}: parameters do not match a {spec.name} SAE with d_in={spec.d_in}, "
+                    f"d_sae={spec.d_sae}{said}: {'; '.join(problems)}")
+  check_finite(params, where, way_out)
+
+
+_NOTHING_WRITTEN = "nothing written; export an earlier checkpoint (launch/export.py --step)"
+
+
+def _one_line(e: Exception) -> str:
+  return " ".join(str(e).split())
+
+
+def _fsync(path: str) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _write_together(writers: Mapping[str, Callable[[str], None]]) -> None:
+  """Calls each writer on `<target>.tmp`, then renames every temp file onto its target: a failure
+  while writing leaves the targets as they were and no temp file behind."""
+  written = []
+  try:
+    for target, write in writers.items():
+      written.append(target + ".tmp")
+      write(written[-1])
+      _fsync(written[-1])
+  except BaseException:
+    for tmp in written:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+    raise
+  for target in writers:
+    os.replace(target + ".tmp", target)
+
+
+def _write_text(text: str) -> Callable[[str], None]:
+  def write(path: str) -> None:
+    with open(path, "w") as f:
+      f.write(text)
+  return write
+
+
+def _read_json(path: str, what: str) -> dict:
+  """The JSON object in `path`; DataError naming it if it is missing, not JSON or not an object."""
+  if not os.path.isfile(path):
+    raise DataError(f"{path}: missing; expected {what}")
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise DataError(f"{path}: not valid JSON ({_one_line(e)})") from None
+  except OSError as e:
+    raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+  if not isinstance(value, dict):
+    raise DataError(f"{path}: expected a JSON object, found a {type(value).__name__}")
+  return value
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+  """The arrays of an .npz; DataError naming it if it is missing or not a readable .npz."""
+  if not os.path.isfile(path):
+    raise DataError(f"{path}: missing; expected an .npz written by launch/export.py")
+  with open(path, "rb") as f:
+    magic = f.read(4)
+  if magic != b"PK\x03\x04":  # np.load would read anything else as one .npy array
+    raise DataError(f"{path}: expected an .npz archive (a zip of arrays), found another format")
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      return {k: data[k] for k in data.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    raise DataError(f"{path}: not a readable .npz ({_one_line(e)})") from None
+
+
+def _spec_of(metadata: Mapping, where: str) -> SAESpec:
+  """The spec that `metadata` (read from `where`) describes; DataError naming `where` and the
+  field on an unknown architecture, bad sizes or unknown architecture_config fields."""
+  if metadata.get("architecture") not in registry.names():
+    raise DataError(f"{where}: architecture: expected one of {registry.names()}, found "
+                    f"{metadata.get('architecture')!r}")
+  for key in ("d_in", "d_sae"):
+    value = metadata.get(key)
+    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+      raise DataError(f"{where}: {key}: expected an int > 0, found {value!r}")
+  if not isinstance(metadata.get("architecture_config", {}), dict):
+    raise DataError(f"{where}: architecture_config: expected an object, found "
+                    f"{metadata['architecture_config']!r}")
+  try:
+    return from_metadata(metadata)
+  except ValueError as e:
+    raise DataError(f"{where}: {_one_line(e)}") from None
 
 
 def save_npz(path: str, params: Mapping[str, np.ndarray], spec: SAESpec,
              metadata: Mapping[str, Any]) -> None:
   """Writes `path` (.npz of the parameters, our names and layouts) and `path` with .json: the
-  spec's metadata (architecture, sizes, architecture config) plus `metadata`."""
-  check_params(params, spec, path)
+  spec's metadata (architecture, sizes, architecture config) plus `metadata`. Refuses params that
+  do not match `spec` or are not finite before writing anything."""
+  arrays = {k: np.asarray(v) for k, v in params.items()}
+  check_params(arrays, spec, path, way_out=_NOTHING_WRITTEN)
+  sidecar = json.dumps({**dict(metadata), **spec.metadata()}, indent=2, default=str)
+
+  def write_npz(tmp: str) -> None:
+    with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+      np.savez(f, **arrays)
+
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  np.savez(path, **{k: np.asarray(v) for k, v in params.items()})
-  with open(os.path.splitext(path)[0] + ".json", "w") as f:
-    json.dump({**dict(metadata), **spec.metadata()}, f, indent=2, default=str)
+  # The sidecar first: a reader that finds the new .npz finds its sidecar too.
+  _write_together({os.path.splitext(path)[0] + ".json": _write_text(sidecar), path: write_npz})
 
 
 def load_npz(path: str) -> tuple[dict[str, np.ndarray], dict, SAESpec]:
   """(params, metadata, spec) from `save_npz` output (or an export of an earlier version)."""
-  with np.load(path, allow_pickle=False) as data:
-    params = {k: data[k] for k in data.files}
+  params = _read_npz(path)
   sidecar = os.path.splitext(path)[0] + ".json"
-  metadata = json.load(open(sidecar)) if os.path.exists(sidecar) else {}
+  metadata = _read_json(sidecar, f"the JSON sidecar that launch/export.py writes next to "
+                                 f"{os.path.basename(path)}")
   if "architecture_config" not in metadata:
     metadata = {**metadata, **_legacy_metadata(params, metadata, path)}
-  spec = from_metadata(metadata)
-  check_params(params, spec, path)
+  spec = _spec_of(metadata, sidecar)
+  check_params(params, spec, path, sizes_from=sidecar)
   return params, metadata, spec
 
 
@@ -88,8 +219,11 @@ def _legacy_metadata(params: Mapping[str, np.ndarray], metadata: Mapping, path: 
   config = dict(metadata.get("config") or {})
   arch = metadata.get("architecture") or (config.get("sae") or {}).get("architecture")
   if not arch:
-    raise ValueError(f"{path}: its .json sidecar records no 'architecture' (nor "
-                     f"config.sae.architecture); expected one of {registry.names()}")
+    raise DataError(f"{path}: its .json sidecar records no 'architecture' (nor "
+                    f"config.sae.architecture); expected one of {registry.names()}")
+  if np.ndim(params.get("W_dec")) != 2:
+    raise DataError(f"{path}: expected a 2-D W_dec (the decoder, [d_sae, d_in]) to size the SAE "
+                    f"of this earlier-version export, found shape {np.shape(params.get('W_dec'))}")
   config["sae"] = {**(config.get("sae") or {}), "architecture": arch}
   block = configs.upgrade_legacy(config)["sae"].get(arch, {})
   d_sae, d_in = params["W_dec"].shape
@@ -107,18 +241,30 @@ def saelens_hook_name(site: str | None) -> str | None:
   return f"{prefix}.{SAELENS_HOOKS[kind]}"
 
 
+def _check_scale(scale: float, where: str) -> None:
+  try:
+    ok = math.isfinite(float(scale)) and float(scale) > 0
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
+    raise DataError(f"{where}: normalisation scale: expected a finite number > 0, found {scale!r}")
+
+
 def save_saelens(folder: str, params: Mapping[str, np.ndarray], spec: SAESpec, *, scale: float,
                  metadata: Mapping[str, Any]) -> None:
   """Writes `sae_weights.safetensors` + `cfg.json` that `sae_lens.SAE.load_from_disk` reads.
 
   `scale` is the normalisation constant the params were trained under; it is folded in.
   `metadata` may hold model_name, hook_name, context_size, prepend_bos and anything else.
+  Refuses params that do not match `spec` or are not finite before writing anything.
   """
   cls = spec.architecture
-  check_params(params, spec, folder)
+  check_params(params, spec, folder, way_out=_NOTHING_WRITTEN)
+  _check_scale(scale, folder)
   tensors, extra_cfg = cls.to_saelens(fold_input_scale(params, scale, spec.logical_axes),
                                       spec.block)
   tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
+  check_finite(tensors, folder, _NOTHING_WRITTEN)  # folding by scale may overflow
   cfg = {
       "architecture": cls.SAELENS_ARCHITECTURE,
       "d_in": spec.d_in, "d_sae": spec.d_sae, "dtype": "float32", "device": "cpu",
@@ -128,10 +274,20 @@ def save_saelens(folder: str, params: Mapping[str, np.ndarray], spec: SAESpec, *
                    "gsae_jax_architecture": spec.name,
                    "gsae_jax_architecture_config": spec.block.to_dict()},
   }
+  text = json.dumps(cfg, indent=2, default=str)
   os.makedirs(folder, exist_ok=True)
-  save_file(tensors, os.path.join(folder, "sae_weights.safetensors"))
-  with open(os.path.join(folder, "cfg.json"), "w") as f:
-    json.dump(cfg, f, indent=2, default=str)
+  _write_together({os.path.join(folder, "sae_weights.safetensors"):
+                   lambda tmp: save_file(tensors, tmp),
+                   os.path.join(folder, "cfg.json"): _write_text(text)})
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  if not os.path.isfile(path):
+    raise DataError(f"{path}: missing; expected the weights of a SAELens folder")
+  try:
+    return load_file(path)
+  except (OSError, SafetensorError, TypeError) as e:  # TypeError: a dtype numpy lacks (bfloat16)
+    raise DataError(f"{path}: not a readable float32 safetensors file ({_one_line(e)})") from None
 
 
 def load_saelens(folder: str, scale: float = 1.0) -> tuple[dict[str, np.ndarray], dict, SAESpec]:
@@ -141,27 +297,41 @@ def load_saelens(folder: str, scale: float = 1.0) -> tuple[dict[str, np.ndarray]
   normalised activations; 1.0 keeps it on raw activations). Folders we wrote come back as the
   architecture they were trained as (e.g. BatchTopK, which SAELens stores as JumpReLU).
   """
-  with open(os.path.join(folder, "cfg.json")) as f:
-    cfg = json.load(f)
-  tensors = load_file(os.path.join(folder, "sae_weights.safetensors"))
+  cfg_path = os.path.join(folder, "cfg.json")
+  weights = os.path.join(folder, "sae_weights.safetensors")
+  _check_scale(scale, folder)
+  cfg = _read_json(cfg_path, "the cfg.json of a SAELens folder")
+  tensors = _read_safetensors(weights)
+  check_finite(tensors, weights)  # in the file's names, before any conversion
   meta = cfg.get("metadata") or {}
-  if meta.get("gsae_jax_architecture"):
-    cls = registry.get(meta["gsae_jax_architecture"])
-  else:
-    cls = registry.by_saelens_name(cfg.get("architecture"))
+  if not isinstance(meta, dict):
+    raise DataError(f"{cfg_path}: metadata: expected an object, found {type(meta).__name__}")
+  our_block = meta.get("gsae_jax_architecture_config") or {}
+  if not isinstance(our_block, dict):
+    raise DataError(f"{cfg_path}: metadata.gsae_jax_architecture_config: expected an object, "
+                    f"found {type(our_block).__name__}")
+  try:
+    if meta.get("gsae_jax_architecture"):
+      cls = registry.get(meta["gsae_jax_architecture"])
+    else:
+      cls = registry.by_saelens_name(cfg.get("architecture"))
+  except ValueError as e:
+    raise DataError(f"{cfg_path}: {_one_line(e)}") from None
   if not cfg.get("apply_b_dec_to_input", True):
-    raise ValueError(f"{folder}/cfg.json: apply_b_dec_to_input=false is not supported")
+    raise DataError(f"{cfg_path}: apply_b_dec_to_input=false is not supported")
   if cfg.get("normalize_activations", "none") not in ("none", None):
-    raise ValueError(f"{folder}/cfg.json: normalize_activations="
-                     f"{cfg['normalize_activations']!r} is not supported; expected 'none'")
+    raise DataError(f"{cfg_path}: normalize_activations={cfg['normalize_activations']!r} is not "
+                    "supported; expected 'none'")
   try:
     params, block = cls.from_saelens(tensors, cfg)
   except (KeyError, ValueError) as e:
-    raise ValueError(f"{folder}: not a loadable SAELens {cfg.get('architecture')!r} SAE: "
-                     f"{e}") from None
-  block = {**(meta.get("gsae_jax_architecture_config") or {}), **block}
-  d_sae, d_in = np.shape(params["W_dec"])
-  spec = from_metadata({"architecture": cls.NAME, "d_in": int(d_in), "d_sae": int(d_sae),
-                        "architecture_config": block})
-  check_params(params, spec, folder)
+    raise DataError(f"{folder}: not a loadable SAELens {cfg.get('architecture')!r} SAE: "
+                    f"{_one_line(e)}") from None
+  shape = np.shape(params["W_dec"])
+  if shape != (cfg.get("d_sae"), cfg.get("d_in")):
+    raise DataError(f"{weights}: W_dec has shape {shape}, but {cfg_path} says "
+                    f"d_sae={cfg.get('d_sae')!r}, d_in={cfg.get('d_in')!r}")
+  spec = _spec_of({"architecture": cls.NAME, "d_in": int(shape[1]), "d_sae": int(shape[0]),
+                   "architecture_config": {**our_block, **block}}, cfg_path)
+  check_params(params, spec, weights, sizes_from=cfg_path)
   return fold_input_scale(params, 1.0 / scale, spec.logical_axes), cfg, spec

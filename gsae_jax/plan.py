@@ -3,13 +3,15 @@
 The mesh is a `jax.sharding.AbstractMesh` of the requested size, so a 16-device (or 4096-device)
 plan needs no such devices; every array's per-device shape comes from its NamedSharding under the
 rules table, the same shardings the real run uses. `launch/train.py --dry_run` and
-`launch/harvest.py --dry_run` print a plan and refuse one that does not fit.
+`launch/harvest.py --dry_run` print a plan and refuse one that does not fit; every training run
+checks its plan against the device's memory before allocating (`check_sae_fits`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, NamedSharding
 
 from gsae_jax import sharding
+from gsae_jax.errors import ConfigError
 
 # [batch, d_sae] buffers live at the peak of one SAE train step (forward + backward): each
 # architecture declares its count (`SAE.ACTIVATION_BUFFERS`), fitted to XLA's memory_analysis
@@ -25,7 +28,7 @@ from gsae_jax import sharding
 GiB = 1024**3
 
 
-class PlanError(ValueError):
+class PlanError(ConfigError):
   """A configuration that cannot fit; the message names the overflowing term."""
 
 
@@ -268,6 +271,54 @@ def parse_memory_limit(gib: float | None, devices: Sequence[Any] | None = None) 
     if stats and stats.get("bytes_limit"):
       return int(stats["bytes_limit"])
   return None
+
+
+def host_available_bytes() -> int | None:
+  """The host memory the kernel can still hand out (MemAvailable), else free pages; None when
+  neither is known."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024  # kB
+  except (OSError, ValueError, IndexError):
+    pass
+  try:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def memory_limit(devices: Sequence[Any]) -> tuple[int, str] | None:
+  """(bytes per device, where the number comes from) for this process's `devices`: an
+  accelerator's own `bytes_limit`, or on CPU the host's available memory shared by its local CPU
+  devices (they all allocate from it); None when unknown."""
+  limit = parse_memory_limit(None, devices)
+  if limit is not None:
+    return limit, "the device's bytes_limit"
+  cpus = [d for d in devices if d.platform == "cpu"
+          and d.process_index == jax.process_index()]
+  host = host_available_bytes()
+  if not cpus or host is None:
+    return None
+  return host // len(cpus), f"{_fmt(host)} of available host memory / {len(cpus)} CPU devices"
+
+
+def check_sae_fits(config, d_in: int, devices: Sequence[Any]) -> None:
+  """Refuses, before anything is allocated, an SAE train step whose per-device plan (on the
+  run's mesh over all `jax.devices()`) exceeds the memory of this process's `devices`: PlanError
+  naming the overflowing term. Shapes only: a 2**34-latent dictionary costs nothing to plan."""
+  known = memory_limit(list(getattr(devices, "flat", devices)))  # a list or mesh.devices
+  if known is None:
+    return
+  limit, source = known
+  p = sae_plan(config, d_in, jax.device_count())
+  try:
+    p.check(limit)
+  except PlanError as e:
+    raise PlanError(f"{e}; limit: {source}; reduce config.sae.d_sae or config.train.batch_size, "
+                    "or shard over more devices (config.mesh); --dry_run prints the full plan"
+                    ) from None
 
 
 def report(p: Plan, limit_bytes: int | None) -> str | None:

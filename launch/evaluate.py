@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from absl import app, flags
 
 from experiments import harvest_gemma3_270m
-from gsae_jax.checkpoint import CheckpointError
+from gsae_jax.data.shards import write_atomic
 from gsae_jax.eval import report
 from gsae_jax.runs import evaluation, exporting, harvesting
 from gsae_jax.runs.sweep import coefficient_label
-from launch.common import quiet_library_logs
+from launch.common import parse_flags, run_guarded
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
@@ -34,40 +33,40 @@ _CONTEXT = flags.DEFINE_integer("context_length", 128, "Tokens per held-out sequ
 _LM_BATCH = flags.DEFINE_integer("lm_batch_size", 8, "Sequences per LM call.")
 flags.mark_flag_as_required("workdir")
 
-def main(argv):
-  del argv
-  quiet_library_logs()
-  try:
-    trained = exporting.load_trained(_WORKDIR.value, _STEP.value)
-    spec, source = trained.spec, trained.source
-    runs = [{"name": f"{spec.name}_{i}", "architecture": spec.name,
-             "coefficients": spec.member_coefficients()[i],
-             "label": coefficient_label(spec.member_coefficients()[i]), "step": trained.step,
-             "spec": spec.member(i), "params": p}
-            for i, p in enumerate(evaluation.members(trained.params, spec))]
-    lm = token_batches = None
-    if _MODEL.value:
-      text_config = harvest_gemma3_270m.get_config()
-      text_config.model, text_config.context_length = _MODEL.value, _CONTEXT.value
-      text_config.skip_windows = _SKIP.value
-      lm, tokenizer = harvesting.load_lm(text_config)
-      token_batches = evaluation.heldout_token_batches(text_config, tokenizer, lm.config.bos_token_id,
-                                            _NUM_SEQ.value, _LM_BATCH.value)
-    evaluation.evaluate_runs(runs, source["normalisation_scale"], _EVAL_SHARDS.value, _MAX_TOKENS.value, lm,
-                  token_batches, source.get("site"))
-  except (CheckpointError, ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+def _main() -> None:
+  trained = exporting.load_trained(_WORKDIR.value, _STEP.value)
+  spec, source = trained.spec, trained.source
+  runs = [{"name": f"{spec.name}_{i}", "architecture": spec.name,
+           "coefficients": spec.member_coefficients()[i],
+           "label": coefficient_label(spec.member_coefficients()[i]), "step": trained.step,
+           "spec": spec.member(i), "params": p}
+          for i, p in enumerate(evaluation.members(trained.params, spec))]
+  lm = token_batches = None
+  if _MODEL.value:
+    text_config = harvest_gemma3_270m.get_config()
+    text_config.model, text_config.context_length = _MODEL.value, _CONTEXT.value
+    text_config.skip_windows = _SKIP.value
+    lm, tokenizer = harvesting.load_lm(text_config)
+    token_batches = evaluation.heldout_token_batches(text_config, tokenizer, lm.config.bos_token_id,
+                                                     _NUM_SEQ.value, _LM_BATCH.value)
+  evaluation.evaluate_runs(runs, source["normalisation_scale"], _EVAL_SHARDS.value,
+                           _MAX_TOKENS.value, lm, token_batches, source.get("site"), source=source)
   for i, r in enumerate(runs):
     if "log10_density" in r:
       suffix = f"_{i}" if spec.sweep else ""
-      report.density_histogram(r["log10_density"], os.path.join(_WORKDIR.value, f"density{suffix}.png"),
-                               r["name"])
+      report.density_histogram(r["log10_density"],
+                               os.path.join(_WORKDIR.value, f"density{suffix}.png"), r["name"])
   out = [evaluation.public(r) for r in runs]
-  with open(os.path.join(_WORKDIR.value, "eval.json"), "w") as f:
-    json.dump(out if spec.sweep else out[0], f, indent=2)
+  write_atomic(os.path.join(_WORKDIR.value, "eval.json"),
+               json.dumps(out if spec.sweep else out[0], indent=2).encode())
   for r in out:
     print(json.dumps(r), flush=True)
 
 
+def main(argv):
+  del argv
+  run_guarded(_main)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -15,30 +15,31 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from gsae_jax import distributed, plan
+from gsae_jax.errors import ConfigError
 from gsae_jax.runs import harvesting
+from launch.common import load_config, parse_flags, run_guarded
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Harvest config file.", lock_config=True)
 flags.mark_flags_as_required(["config"])
 _DIST = distributed.define_flags()  # --distributed, --coordinator_address, ..., --dry_run
 
-def main(argv):
-  del argv
-  config = _CONFIG.value
-  try:
-    harvesting.validate(config)
-  except ValueError as e:
-    sys.exit(f"invalid config {config_flags.get_config_filename(flags.FLAGS['config'])}: {e}")
-  if _DIST.dry_run.value:  # the LM's plan from its config.json alone: no weights, no text
-    try:
-      refused = plan.dry_run_harvest(config, _DIST.dry_run_devices.value,
-                                     _DIST.device_memory_gib.value)
-    except ValueError as e:
-      sys.exit(f"invalid config: {e}")
-    sys.exit(f"dry run: {refused}" if refused else 0)
+
+def _dry_run() -> None:
+  """The LM's plan from its config.json alone: no weights, no text, nothing written."""
+  config = load_config(_CONFIG)
+  harvesting.validate(config)
+  refused = plan.dry_run_harvest(config, _DIST.dry_run_devices.value,
+                                 _DIST.device_memory_gib.value)
+  sys.exit(f"dry run: {refused}" if refused else 0)
+
+
+def _harvest() -> None:
+  config = load_config(_CONFIG)
   if distributed.initialize_from_flags(_DIST) and jax.process_count() > 1:
-    sys.exit("multi-process harvest is not supported yet: shards are written by one process; "
-             "run one harvest per host on disjoint text (config.skip_windows) instead")
-  m = harvesting.run(config)
+    raise ConfigError("--distributed: multi-process harvest is not supported yet: shards are "
+                      "written by one process; run one harvest per host on disjoint text "
+                      "(config.skip_windows) instead")
+  m = harvesting.run(config)  # validates and checks the output folder before loading the LM
   if m["token_count"] < config.num_tokens:
     print(f"warning: the text ran out after {m['token_count']:,} of {config.num_tokens:,} tokens",
           flush=True)
@@ -48,5 +49,10 @@ def main(argv):
         flush=True)
 
 
+def main(argv):
+  del argv
+  run_guarded(_dry_run if _DIST.dry_run.value else _harvest)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -16,7 +16,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from gsae_jax.runs import sweep
-from launch.common import run_guarded
+from launch.common import load_config, parse_flags, run_guarded
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config file.", lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "Output folder.")
@@ -25,8 +25,8 @@ flags.mark_flags_as_required(["config", "out"])
 
 def main(argv):
   del argv
-  run_guarded(sweep.run_sweep, _CONFIG.value, _OUT.value)
+  run_guarded(lambda: sweep.run_sweep(load_config(_CONFIG), _OUT.value))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
+from typing import Mapping
 
 import jax
 import numpy as np
@@ -12,6 +14,7 @@ from jax.sharding import NamedSharding
 from gsae_jax import sharding
 from gsae_jax.data import shards
 from gsae_jax.data.pipeline import ShardIterator
+from gsae_jax.errors import DataError
 from gsae_jax.eval import evaluate
 from gsae_jax.runs import harvesting
 from gsae_jax.sae.spec import SAESpec
@@ -24,6 +27,23 @@ def members(params: dict, spec: SAESpec) -> list[dict]:
   if spec.sweep is None:
     return [params]
   return [jax.tree.map(lambda a, i=i: a[i], params) for i in range(spec.members)]
+
+
+def check_heldout(path: str, d_in: int, source: Mapping | None = None) -> None:
+  """DataError unless the held-out shards at `path` fit the SAE: d_model equal to its d_in and,
+  where both are known, the site and model_id of its training data (`source`, as in the training
+  workdir's source.json). Reads only the manifest."""
+  manifest = shards.read_manifest(path)
+  mpath = os.path.join(path, shards.MANIFEST)
+  if manifest["d_model"] != d_in:
+    raise DataError(f"heldout shards {path}: d_model {manifest['d_model']} ({mpath}), but the SAE "
+                    f"has d_in {d_in}; pass shards harvested where the SAE was trained")
+  for key in ("site", "model_id"):
+    heldout, trained = manifest.get(key), (source or {}).get(key)
+    if heldout is not None and trained is not None and heldout != trained:
+      raise DataError(f"heldout shards {path}: {key} {heldout} ({mpath}), but the SAE was "
+                      f"trained on {trained} (source.json); pass shards harvested from {key} "
+                      f"{trained}")
 
 
 def heldout_activation_batches(path: str, scale: float, max_tokens: int):
@@ -51,9 +71,14 @@ def _splice(graphdef):
 
 
 def evaluate_runs(runs: list[dict], scale: float, eval_shards: str | None, max_tokens: int,
-                  lm=None, token_batches=None, site: str | None = None) -> list[dict]:
+                  lm=None, token_batches=None, site: str | None = None,
+                  source: Mapping | None = None) -> list[dict]:
   """Adds metrics to each run dict {name, spec, params, ...} (in place) and returns them.
-  The clean and zero-ablated LM losses are computed once for all runs."""
+  The clean and zero-ablated LM losses are computed once for all runs. `source` describes the
+  training data (source.json); held-out shards must match it (`check_heldout`)."""
+  if eval_shards:
+    for d_in in sorted({r["spec"].d_in for r in runs}):  # before any run is evaluated
+      check_heldout(eval_shards, d_in, source)
   for r in runs:
     if eval_shards:
       metrics, r["log10_density"] = evaluate.activation_metrics(

@@ -29,14 +29,23 @@ class TrainedSAE:
 
 def load_trained(workdir: str, step: int | None = None) -> TrainedSAE:
   """The SAE of `workdir`'s checkpoint `step` (default: the latest), on one device."""
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=1_000_000)
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):  # checked first: Orbax would create it
+    raise CheckpointError(f"{directory}: no such folder; expected a training workdir "
+                          "(written by launch/train.py)")
+  ckpt = Checkpointer(directory, save_every=1, keep=1_000_000)
   steps = ckpt.steps()
   if not steps:
     raise CheckpointError(f"{ckpt.directory}: no checkpoints to export")
   step = steps[-1] if step is None else step
   config = ml_collections.ConfigDict(configs.upgrade_legacy(ckpt.restore_config(step)))
-  with open(os.path.join(workdir, "source.json")) as f:
-    source = json.load(f)
+  source_path = os.path.join(workdir, "source.json")
+  try:
+    with open(source_path) as f:
+      source = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{source_path}: unreadable ({e}); it describes the "
+                          "activations the SAE was trained on, export needs it") from None
   spec = describe(config, source["d_in"])
   tx = optim.make_optimizer(config.optim, config.train.steps, spec.architecture.UNIT_NORM_DECODER)
   rules = tuple(map(tuple, config.mesh.rules))

@@ -6,6 +6,8 @@ import json
 import os
 import time
 
+from gsae_jax import configs, sharding
+from gsae_jax.errors import ConfigError
 from gsae_jax.eval import report
 from gsae_jax.runs import evaluation, harvesting, training
 
@@ -19,10 +21,10 @@ def coefficient_label(coefficients: dict) -> str:
   return ", ".join(f"{k}={v:.3g}" for k, v in coefficients.items())
 
 
-def train_grids(c, out_dir: str) -> tuple[list[dict], object]:
-  """Trains every architecture's grid (values of its first coefficient, or of
-  `c.grid_coefficients.<arch>`); returns (runs with spec and params, the last training source)."""
-  runs, source = [], None
+def grid_configs(c) -> list[tuple[str, object]]:
+  """(architecture, its training config) for every non-empty grid, all validated before any
+  trains: a bad value in the last grid must not cost the first grid's training."""
+  out = []
   for arch, grid in c.grids.items():
     if not grid:
       continue
@@ -31,8 +33,22 @@ def train_grids(c, out_dir: str) -> tuple[list[dict], object]:
     tc.sae.architecture = arch
     tc.sweep.coefficient = (c.get("grid_coefficients") or {}).get(arch, "")
     tc.sweep.grid = tuple(grid)
+    mesh = sharding.make_mesh(tc.mesh.data, tc.mesh.model)
+    try:
+      configs.validate(tc, dict(mesh.shape))
+    except ValueError as e:
+      raise ConfigError(f"grids.{arch}: {e}") from None
+    out.append((arch, tc))
+  return out
+
+
+def train_grids(c, out_dir: str) -> tuple[list[dict], object]:
+  """Trains every architecture's grid (values of its first coefficient, or of
+  `c.grid_coefficients.<arch>`); returns (runs with spec and params, the last training source)."""
+  runs, source = [], None
+  for arch, tc in grid_configs(c):
     print(f"== training {arch} over {tc.sweep.coefficient or 'its first coefficient'} "
-          f"{tuple(grid)}", flush=True)
+          f"{tuple(tc.sweep.grid)}", flush=True)
     result = training.run(tc, os.path.join(out_dir, arch))
     if result.stopped:
       raise Preempted(f"{arch} training stopped by {result.stopped}")
@@ -57,9 +73,9 @@ def run_sweep(c, out_dir: str, lm_and_tokenizer=None) -> list[dict]:
         c.eval.text, tokenizer, lm.config.bos_token_id, c.eval.num_sequences, c.eval.lm_batch_size)
   print(f"== evaluating {len(runs)} SAEs", flush=True)
   t1 = time.perf_counter()
-  site = training.source_description(c.train, source).get("site")
+  described = training.source_description(c.train, source)
   evaluation.evaluate_runs(runs, source.scale, c.eval.shards_path or None, c.eval.max_tokens,
-                             lm, token_batches, site)
+                           lm, token_batches, described.get("site"), source=described)
   runs.sort(key=lambda r: (r["architecture"], r.get("l0", 0.0)))
   for r in runs:
     if "log10_density" in r:
@@ -68,6 +84,7 @@ def run_sweep(c, out_dir: str, lm_and_tokenizer=None) -> list[dict]:
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump([evaluation.public(r) for r in runs], f, indent=2)
   timing = f"training {t_train:.0f} s, evaluation {time.perf_counter() - t1:.0f} s"
-  report.write_sweep_report(runs, out_dir, "Coefficient sweep", f"Site `{site}`; {timing}.")
+  report.write_sweep_report(runs, out_dir, "Coefficient sweep",
+                            f"Site `{described.get('site')}`; {timing}.")
   print(f"== sweep done: {timing}; report in {out_dir}/report.md", flush=True)
   return runs

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-import signal
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
 
-from gsae_jax import configs, distributed, sharding
+from gsae_jax import configs, distributed, locking, plan, sharding
 from gsae_jax.checkpoint import Checkpointer
 from gsae_jax.data import shards
 from gsae_jax.data.sources import make_source
 from gsae_jax.eval.metrics import mean_max_cosine
+from gsae_jax.runs import identity, stopping
 from gsae_jax.sae.spec import SAESpec, describe
 from gsae_jax.train import paths
 from gsae_jax.train.loop import train
@@ -56,57 +57,87 @@ class TrainingRun:
   stopped: str | None
 
 
-def run(config, workdir: str, restore_step: int | None = None) -> TrainingRun:
+def _write_json(path: str, obj: Any) -> None:
+  shards.write_atomic(path, json.dumps(obj, indent=2).encode())
+
+
+def _strict_json(metrics: dict) -> dict:
+  """Non-finite floats as null: metrics.jsonl stays JSON (bare NaN is not)."""
+  fix = lambda v: [fix(x) for x in v] if isinstance(v, list) else (
+      None if isinstance(v, float) and not math.isfinite(v) else v)
+  return {k: fix(v) for k, v in metrics.items()}
+
+
+def run(config, workdir: str, restore_step: int | None = None,
+        allow_changes: Sequence[str] = ()) -> TrainingRun:
   """Validates, trains (resuming from `<workdir>/checkpoints`) and writes the workdir files.
 
-  Raises ValueError for a bad config or bad data and CheckpointError for unusable checkpoints,
-  before anything is trained.
+  Nothing is written to the workdir before the config, the data, the memory plan and the run's
+  identity (`gsae_jax.runs.identity`; `allow_changes` names fields allowed to differ from the
+  recorded run) are accepted. The workdir is locked while the run lasts. Raises ConfigError /
+  ValueError, DataError, RunMismatch, Locked or CheckpointError before anything is trained, and
+  Diverged (the last good checkpoint kept) when the loss or the parameters stop being finite.
   """
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
   distributed.check_process_batch_slices(mesh)  # each process reads its 1/P of every batch
   configs.validate(config, dict(mesh.shape))
+  plan.check_sae_fits(config, config.data.d_in, jax.local_devices())  # before any allocation
   source = make_source(config, mesh)  # opening shards verifies them: bad data stops here
   spec = describe(config, source.d_in)
   path = paths.choose(config.train, spec, mesh.shape["data"])  # refuses bad combinations
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  described = source_description(config, source)
+  run_id = identity.of(config, described)
+  primary = distributed.is_primary()
+  with locking.hold(workdir, enabled=primary):
+    changed = identity.changes(workdir, run_id, allow_changes)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+                                save_every=config.checkpoint.save_every,
+                                keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    try:
+      if primary:  # the run is accepted: from here on the workdir is this run's
+        steps = checkpointer.steps()
+        identity.record(workdir, run_id, changed, steps[-1] if steps else None)
+        _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+        _write_json(os.path.join(workdir, "source.json"), described)
+      return _train(config, workdir, mesh, source, spec, path, checkpointer, restore_step)
+    finally:
+      checkpointer.close()
+
+
+def _train(config, workdir: str, mesh, source, spec: SAESpec, path: paths.PathChoice,
+           checkpointer: Checkpointer, restore_step: int | None) -> TrainingRun:
   print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); "
         f"{paths.describe_choice(path)}", flush=True)
   shown = _SHOWN + ("sparse_step",) if path.sparse else _SHOWN
-  with open(os.path.join(workdir, "source.json"), "w") as f:
-    json.dump(source_description(config, source), f, indent=2)
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
-                              save_every=config.checkpoint.save_every, keep=config.checkpoint.keep,
-                              async_save=config.checkpoint.async_save)
   if checkpointer.steps():
     print(f"resuming from {checkpointer.directory} (steps {checkpointer.steps()})", flush=True)
-  stop = []
-  for sig in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(sig, lambda signum, frame: stop.append(signal.Signals(signum).name))
-
   log_path = os.path.join(workdir, "metrics.jsonl") if distributed.is_primary() else os.devnull
-  with open(log_path, "a") as log_file:
+  with open(log_path, "a") as log_file, stopping.watch_signals(graceful=True) as requested:
     def on_metrics(step, m):
       print(progress_line(step, config.train.steps, m, shown), flush=True)
-      log_file.write(json.dumps({"step": step, **m}) + "\n")
+      log_file.write(json.dumps({"step": step, **_strict_json(m)}, allow_nan=False) + "\n")
       log_file.flush()
 
-    try:
-      state = train(config, mesh, source.batches, spec, on_metrics, checkpointer,
-                    restore_step, stop_requested=lambda: bool(stop))
-    finally:
-      checkpointer.close()
-  if stop:
-    step = int(np.asarray(state.step).flat[0])
-    print(f"{stop[0]}: saved checkpoint at step {step} in {checkpointer.directory}; "
+    state = train(config, mesh, source.batches, spec, on_metrics, checkpointer, restore_step,
+                  stop_requested=lambda: requested() is not None)
+    stopped = requested()
+  step = int(np.asarray(state.step).flat[0])
+  if stopped:
+    print(f"{stopped}: saved checkpoint at step {step} in {checkpointer.directory}; "
           "re-run the same command to resume", flush=True)
-    return TrainingRun(state, source, spec, stop[0])
+    return TrainingRun(state, source, spec, stopped)
+  if step < config.train.steps:
+    print(f"the data ran out after {config.data.num_epochs} epoch(s), at step {step} of "
+          f"{config.train.steps}: saved checkpoint at step {step}; raise config.data.num_epochs "
+          f"(0 = repeat) and re-run with --allow_changes=data.num_epochs to go on", flush=True)
 
   # params.npz: our names; in a sweep every array has a leading member axis.
   params = {k: np.asarray(v) for k, v in distributed.to_host(state.params).items()}
   if distributed.is_primary():
-    np.savez(os.path.join(workdir, "params.npz"), **params)
+    out = os.path.join(workdir, "params.npz")
+    with open(out + ".tmp", "wb") as f:  # a reader never sees a partial file
+      np.savez(f, **params)
+    os.replace(out + ".tmp", out)
   if source.ground_truth is not None:
     w_dec = params["W_dec"].reshape((-1,) + params["W_dec"].shape[-2:])
     mmcs = [float(mean_max_cosine(w, source.ground_truth)) for w in w_dec]

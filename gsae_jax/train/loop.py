@@ -11,6 +11,7 @@ from jax.sharding import Mesh
 
 from gsae_jax.checkpoint import Checkpointer
 from gsae_jax.data.sources import BatchIterator
+from gsae_jax.errors import Diverged
 from gsae_jax.train import optim, paths
 from gsae_jax.sae.spec import SAESpec
 from gsae_jax.train.state import TrainState, abstract_train_state
@@ -32,6 +33,29 @@ def _b_dec_at_data_mean(state: TrainState, batches: BatchIterator, num_batches: 
   return state.replace(params={**state.params, "b_dec": jax.device_put(mean, b_dec_sharding)})
 
 
+@jax.jit
+def _all_finite(params) -> jax.Array:
+  return jax.numpy.all(jax.numpy.stack([jax.numpy.isfinite(p).all()
+                                        for p in jax.tree.leaves(params)]))
+
+
+def _diverged(step: int, what: str, checkpointer: Checkpointer | None) -> Diverged:
+  steps = checkpointer.steps() if checkpointer else []
+  kept = (f"the last good checkpoint, step {steps[-1]} in {checkpointer.directory}, is kept"
+          if steps else "no checkpoint was saved before it")
+  return Diverged(f"training diverged by step {step}: {what}; {kept}. Lower optim.lr (or check "
+                  "the data and coefficients) and re-run with --allow_changes=<the fields changed>")
+
+
+def _non_finite_loss(metrics: dict) -> str | None:
+  loss = np.asarray(metrics["loss"], np.float64)
+  if np.isfinite(loss).all():
+    return None
+  members = np.flatnonzero(~np.isfinite(loss.reshape(-1)))
+  where = f" (sweep members {members.tolist()})" if loss.ndim else ""
+  return f"non-finite loss {loss.reshape(-1)[members[0]]}{where}"
+
+
 def train(config, mesh: Mesh, batches: BatchIterator, spec: SAESpec,
           on_metrics: MetricsCallback | None = None, checkpointer: Checkpointer | None = None,
           restore_step: int | None = None,
@@ -41,7 +65,10 @@ def train(config, mesh: Mesh, batches: BatchIterator, spec: SAESpec,
 
   With a checkpointer, the latest checkpoint (or `restore_step`) is restored first, together with
   the data iterator's position, and saves happen on its interval, at the end, and as soon as
-  `stop_requested()` turns true (preemption), after which the loop returns early.
+  `stop_requested()` turns true (preemption), after which the loop returns early. It also returns
+  early, after a final save, when the data runs out (`data.num_epochs`); the state's step says
+  where. A non-finite loss (seen at log steps) or non-finite parameters (checked before every
+  save, so no checkpoint ever holds them) raise `Diverged`.
   """
   steps = config.train.steps
   rules = tuple(map(tuple, config.mesh.rules))
@@ -64,14 +91,20 @@ def train(config, mesh: Mesh, batches: BatchIterator, spec: SAESpec,
   config_dict = config.to_dict()
 
   def save(step: int, force: bool) -> None:
-    if checkpointer:
+    if checkpointer and checkpointer.due(step, force):
+      if not bool(_all_finite(state.params)):
+        raise _diverged(step, "non-finite parameters", checkpointer)
       checkpointer.save(step, state, batches.get_state(), config_dict, force=force)
 
   every, until = config.train.resample_every, config.train.resample_until
   start = int(np.asarray(state.step).flat[0])  # a sweep's members share the step
   t0, t_step = time.perf_counter(), start
   for step in range(start, steps):
-    x = next(batches)
+    try:
+      x = next(batches)
+    except StopIteration:  # data.num_epochs ran out: keep what was trained
+      save(step, force=True)
+      break
     state, metrics = train_step(state, x)
     done = step + 1
     if every and done % every == 0 and (until == 0 or done < until):
@@ -83,6 +116,9 @@ def train(config, mesh: Mesh, batches: BatchIterator, spec: SAESpec,
       metrics["tokens_per_s"] = (done - t_step) * config.train.batch_size / elapsed
       on_metrics(done, metrics)
       t0, t_step = time.perf_counter(), done
+      bad = _non_finite_loss(metrics)
+      if bad:
+        raise _diverged(done, bad, checkpointer)
     stop = stop_requested()
     save(done, force=stop or done == steps)
     if stop:

@@ -8,12 +8,15 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import ml_dtypes
 import numpy as np
 import pytest
 
+from gsae_jax import errors, locking
 from gsae_jax.data import harvest, shards
+from gsae_jax.runs import harvesting
 from tests.data.conftest import BOS, fake_activations, spec, unique_windows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -132,3 +135,201 @@ def test_killed_harvest_resumes_to_identical_shards(tmp_path):
   assert sorted(os.listdir(cut)) == sorted(os.listdir(whole))
   for name in os.listdir(whole):
     assert (cut / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+def _snapshot(folder) -> dict:
+  return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def _partial_harvest(folder, s, windows, creation_config=None, shards_before_crash=2):
+  """A harvest stopped by a crash after `shards_before_crash` shards."""
+  calls = []
+  def crashing(tokens):
+    calls.append(1)
+    if len(calls) > shards_before_crash * s.windows_per_shard // s.batch_size:
+      raise RuntimeError("crash")
+    return fake_activations(s.d_model)(tokens)
+  with pytest.raises(RuntimeError, match="crash"):
+    harvest.harvest(str(folder), iter(windows), crashing, s, creation_config, progress=False)
+  assert len(json.loads((folder / "manifest.json").read_text())["shards"]) == shards_before_crash
+
+
+def test_resume_refuses_changed_text_and_leaves_the_folder_as_it_was(tmp_path):
+  s = spec(windows_per_shard=4, batch_size=2)
+  windows = list(unique_windows(20, s.context_length))
+  _partial_harvest(tmp_path, s, windows)
+  (tmp_path / "acts_00002.bin.tmp").write_bytes(b"cut short")
+  before = _snapshot(tmp_path)
+  changed = [w.copy() for w in windows]
+  changed[5][3] += 1  # one token of shard 1
+  with pytest.raises(errors.RunMismatch, match=r"shard 1 was harvested from other text") as err:
+    harvest.harvest(str(tmp_path), iter(changed), fake_activations(8), s, progress=False)
+  assert "\n" not in str(err.value)
+  with pytest.raises(errors.RunMismatch, match=r"the text ran out within the windows of shard 1"):
+    harvest.harvest(str(tmp_path), iter(windows[:6]), fake_activations(8), s, progress=False)
+  assert _snapshot(tmp_path) == before
+  m = harvest.harvest(str(tmp_path), iter(windows), fake_activations(8), s, progress=False)
+  assert m["complete"] and not any(f.endswith(".tmp") for f in os.listdir(tmp_path))
+  assert m["shards"][0]["windows_sha256"] == harvest._windows_digest(windows[:4])
+
+
+def test_write_error_surfaces_on_one_line_and_leaves_a_resumable_folder(tmp_path, monkeypatch):
+  s = spec(windows_per_shard=3, batch_size=3)
+  whole, cut = tmp_path / "whole", tmp_path / "cut"
+  harvest.harvest(str(whole), unique_windows(10, 17), fake_activations(8), s, {"r": 1},
+                  progress=False)
+  write_atomic = shards.write_atomic
+
+  def disk_full(path, data):
+    if path.endswith("acts_00002.bin"):
+      with open(path + ".tmp", "wb") as f:
+        f.write(data[:7])  # the device filled up mid-write
+      raise OSError(28, "No space left on device", path + ".tmp")
+    write_atomic(path, data)
+  monkeypatch.setattr(shards, "write_atomic", disk_full)
+  with pytest.raises(OSError) as err:
+    harvest.harvest(str(cut), unique_windows(10, 17), fake_activations(8), s, {"r": 1},
+                    progress=False)
+  message = str(err.value)
+  assert err.value.errno == 28 and "\n" not in message
+  assert "No space left on device while writing shard 2 into" in message
+  assert "re-run the same command to resume" in message and "acts_00002.bin.tmp" in message
+  monkeypatch.setattr(shards, "write_atomic", write_atomic)
+  m = harvest.harvest(str(cut), unique_windows(10, 17), fake_activations(8), s, {"r": 1},
+                      progress=False)
+  assert m == json.loads((whole / "manifest.json").read_text())
+  assert _snapshot(cut) == _snapshot(whole)
+
+
+# ---------------------------------------------------------------- runs/harvesting (fake LM)
+
+class _FakeTokenizer:
+  bos_token_id = BOS
+
+  def __call__(self, texts, add_special_tokens=False):
+    return {"input_ids": [[1 + ord(ch) % 97 for ch in t[:200]] for t in texts]}
+
+
+class _FakeLM:
+  def __init__(self, on_call=None):
+    self.config = types.SimpleNamespace(n_layers=2, model_id="fake/lm", revision=None,
+                                        bos_token_id=BOS)
+    self.on_call = on_call
+
+  def site_dim(self, site):
+    return 8
+
+  def activations(self, tokens, sites):
+    if self.on_call:
+      self.on_call()
+    return {sites[0]: fake_activations(8)(np.asarray(tokens))}
+
+
+def _config(out, **overrides):
+  from experiments import harvest_gemma3_270m
+  c = harvest_gemma3_270m.get_config()
+  c.model, c.output_dir, c.layer, c.context_length = "unused", str(out), 1, 17
+  c.num_tokens, c.windows_per_shard, c.batch_size, c.normalise_sample_tokens = 200, 4, 2, 64
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def _no_lm(*args, **kwargs):
+  raise AssertionError("the LM was loaded before the refusal")
+
+
+def test_harvesting_run_holds_the_lock_and_releases_it(tmp_path):
+  out = tmp_path / "out"
+  seen = []
+
+  def while_harvesting():
+    if not seen:
+      seen.append((out / ".lock").exists())
+      with pytest.raises(errors.Locked, match="is in use by pid"):
+        with locking.hold(str(out)):
+          pass
+  m = harvesting.run(_config(out), progress=False, lm_and_tokenizer=(_FakeLM(while_harvesting),
+                                                                     _FakeTokenizer()))
+  assert seen == [True] and m["complete"] and m["token_count"] == 200
+  assert ".lock" not in os.listdir(out)
+
+
+def test_harvesting_run_refuses_a_locked_folder_before_loading(tmp_path, monkeypatch):
+  monkeypatch.setattr(harvesting, "load_lm", _no_lm)
+  out = tmp_path / "out"
+  with locking.hold(str(out)):
+    with pytest.raises(errors.Locked, match=f"{out} is in use by pid {os.getpid()}"):
+      harvesting.run(_config(out), progress=False)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_tokens", 0, "config.num_tokens: expected an integer > 0, found 0"),
+    ("context_length", 1, "config.context_length: expected an integer >= 2"),
+    ("seed", -1, "config.seed: expected an integer in [0, 2**31), found -1"),
+    ("skip_windows", -3, "config.skip_windows: expected an integer >= 0, found -3"),
+    ("normalise_sample_tokens", 0, "config.normalise_sample_tokens: expected an integer > 0"),
+    ("site", "resid_mid", "config.site: expected one of"),
+    ("extra", float("inf"), "config.extra: expected a finite number, found inf"),
+])
+def test_harvest_config_is_checked_before_loading(tmp_path, monkeypatch, field, value, message):
+  monkeypatch.setattr(harvesting, "load_lm", _no_lm)
+  c = _config(tmp_path / "out")
+  c[field] = value
+  with pytest.raises(errors.ConfigError) as err:
+    harvesting.run(c, progress=False)
+  assert message in str(err.value) and "\n" not in str(err.value)
+  assert not (tmp_path / "out").exists()
+
+
+def test_text_source_is_checked_before_loading(tmp_path, monkeypatch):
+  monkeypatch.setattr(harvesting, "load_lm", _no_lm)
+  c = _config(tmp_path / "out")
+  c.text.source, c.text.paths = "files", (str(tmp_path / "*.txt"),)
+  with pytest.raises(errors.ConfigError, match=r"config.text.paths: expected globs matching at "
+                                               r"least one file"):
+    harvesting.run(c, progress=False)
+  c.text.source = "hf"
+  with pytest.raises(errors.ConfigError, match="config.text.hf_name: expected a dataset name"):
+    harvesting.run(c, progress=False)
+
+
+def test_output_dir_problems_are_refused_before_loading(tmp_path, monkeypatch):
+  monkeypatch.setattr(harvesting, "load_lm", _no_lm)
+  (tmp_path / "file").write_text("not a folder")
+  with pytest.raises(errors.ConfigError, match="config.output_dir: expected a folder, found a "
+                                               f"file at {tmp_path / 'file'}"):
+    harvesting.run(_config(tmp_path / "file"), progress=False)
+  with pytest.raises(errors.ConfigError, match="config.output_dir: expected a folder path, found "
+                                               f"a file at {tmp_path / 'file'}"):
+    harvesting.run(_config(tmp_path / "file" / "sub"), progress=False)
+  assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_other_harvest_in_output_dir_is_refused_before_loading(tmp_path, monkeypatch):
+  out = tmp_path / "out"
+  lm = (_FakeLM(), _FakeTokenizer())
+  harvesting.run(_config(out), progress=False, lm_and_tokenizer=lm)
+  before = _snapshot(out)
+  monkeypatch.setattr(harvesting, "load_lm", _no_lm)
+  with pytest.raises(errors.RunMismatch, match=r"holds a harvest with another config.*"
+                                               r"creation_config.layer: 1 -> 0") as err:
+    harvesting.run(_config(out, layer=0), progress=False)
+  assert "\n" not in str(err.value)
+  with pytest.raises(errors.RunMismatch, match=r"creation_config.text.source: 'embedded' -> 'hf'"):
+    c = _config(out)
+    c.text.source, c.text.hf_name = "hf", "some/dataset"
+    harvesting.run(c, progress=False)
+  assert _snapshot(out) == before
+  # Ignored fields may change; a finished harvest is returned as it is.
+  m = harvesting.run(_config(out, batch_size=4), progress=False, lm_and_tokenizer=lm)
+  assert m["complete"] and _snapshot(out) == before
+
+
+def test_bad_layer_is_one_line_and_leaves_no_folder(tmp_path):
+  out = tmp_path / "new" / "out"
+  with pytest.raises(errors.ConfigError) as err:
+    harvesting.run(_config(out, layer=5), progress=False,
+                   lm_and_tokenizer=(_FakeLM(), _FakeTokenizer()))
+  assert str(err.value) == "config.layer: expected < 2 (layers of fake/lm), found 5"
+  assert os.listdir(tmp_path) == []

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 
 from gsae_jax.data import shards
+from gsae_jax.errors import DataError
 
 
 def _edit_manifest(folder, fn):
@@ -78,3 +80,126 @@ def test_missing_shard_file(make_harvest):
   os.remove(os.path.join(folder, "ctx_00001.bin"))
   with pytest.raises(ValueError, match="ctx_00001.bin: missing"):
     shards.open_shards(folder)
+
+
+def _assert_names(err, folder, field):
+  """The error is one line that names the manifest and the field."""
+  message = str(err.value)
+  assert "\n" not in message, message
+  assert message.startswith(os.path.join(folder, "manifest.json") + ":"), message
+  assert f" {field}: expected " in message, message
+
+
+def _set(*path_and_value):
+  *path, value = path_and_value
+  def edit(m):
+    node = m
+    for key in path[:-1]:
+      node = node[key]
+    node[path[-1]] = value
+  return edit
+
+
+@pytest.mark.parametrize("edit, field", [
+    (_set("format_version", 2), "format_version"),
+    (_set("d_model", 0), "d_model"),
+    (_set("d_model", "8"), "d_model"),
+    (_set("d_model", 8.0), "d_model"),
+    (_set("dtype", "float16"), "dtype"),
+    (_set("dtype", ["float32"]), "dtype"),
+    (_set("token_count", -1), "token_count"),
+    (_set("token_count", 63), "token_count"),  # the shards hold 64
+    (_set("complete", "yes"), "complete"),
+    (_set("site", 6), "site"),
+    (_set("model_id", None), "model_id"),
+    (_set("normalisation", None), "normalisation"),  # a finished harvest has one
+    (_set("normalisation", [1.0]), "normalisation"),
+    (_set("normalisation", "mean_sq_norm", float("nan")), "normalisation.mean_sq_norm"),
+    (_set("normalisation", "mean_sq_norm", 0.0), "normalisation.mean_sq_norm"),
+    (_set("normalisation", "scale", float("inf")), "normalisation.scale"),
+    (_set("normalisation", "scale", True), "normalisation.scale"),
+    (_set("shards", {"file": "acts_00000.bin"}), "shards"),
+    (_set("shards", 1, "acts_00001.bin"), "shards[1]"),
+    (_set("shards", 1, "tokens", 0), "shards[1].tokens"),
+    (_set("shards", 1, "tokens", 32.0), "shards[1].tokens"),
+    (_set("shards", 1, "windows", "2"), "shards[1].windows"),
+    (_set("shards", 0, "sha256", "ab" * 31), "shards[0].sha256"),
+    (_set("shards", 0, "sha256", "AB" * 32), "shards[0].sha256"),
+    (_set("shards", 1, "ctx_sha256", None), "shards[1].ctx_sha256"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_manifest_schema(make_harvest, edit, field):
+  folder = make_harvest(4, windows_per_shard=2)
+  _edit_manifest(folder, edit)
+  with pytest.raises(DataError) as err:
+    shards.read_manifest(folder)
+  _assert_names(err, folder, field)
+  with pytest.raises(ValueError):  # callers catching ValueError still see it
+    shards.open_shards(folder, verify=False)
+
+
+@pytest.mark.parametrize("name", ["../acts_00001.bin", "sub/acts_00001.bin", "/tmp/acts.bin",
+                                  "..", ".", "", "acts\0.bin", 7, None])
+@pytest.mark.parametrize("key", ["file", "ctx_file"])
+def test_shard_names_stay_inside_the_folder(make_harvest, name, key):
+  folder = make_harvest(4, windows_per_shard=2)
+  _edit_manifest(folder, lambda m: m["shards"][1].update({key: name}))
+  with pytest.raises(DataError, match="a plain file name inside the folder") as err:
+    shards.open_shards(folder)
+  _assert_names(err, folder, f"shards[1].{key}")
+
+
+@pytest.mark.parametrize("edit, field, first", [
+    (lambda m: m["shards"][1].update(file="acts_00000.bin"), "shards[1].file", "shards[0].file"),
+    (lambda m: m["shards"][1].update(ctx_file="ctx_00000.bin"), "shards[1].ctx_file",
+     "shards[0].ctx_file"),
+    (lambda m: m["shards"][0].update(ctx_file="acts_00000.bin"), "shards[0].ctx_file",
+     "shards[0].file"),
+    (lambda m: m["shards"][1].update(ctx_file="acts_00000.bin"), "shards[1].ctx_file",
+     "shards[0].file"),
+], ids=["acts_twice", "ctx_twice", "acts_as_own_ctx", "acts_as_other_ctx"])
+def test_shard_files_are_listed_once(make_harvest, edit, field, first):
+  folder = make_harvest(4, windows_per_shard=2)
+  _edit_manifest(folder, edit)
+  with pytest.raises(DataError, match=rf"a file listed once \(it is also {re.escape(first)}\)") \
+      as err:
+    shards.open_shards(folder, verify=False)
+  _assert_names(err, folder, field)
+
+
+@pytest.mark.parametrize("text, found", [("[1, 2]", "list"), ('"manifest"', "str"),
+                                         ("null", "NoneType")])
+def test_manifest_that_is_not_an_object(make_harvest, text, found):
+  folder = make_harvest(4, windows_per_shard=2)
+  with open(os.path.join(folder, "manifest.json"), "w") as f:
+    f.write(text)
+  with pytest.raises(DataError, match=f"manifest.json: expected a JSON object, found a {found}"):
+    shards.read_manifest(folder)
+
+
+def test_manifest_not_json_or_missing_a_field(make_harvest):
+  folder = make_harvest(4, windows_per_shard=2)
+  path = os.path.join(folder, "manifest.json")
+  good = open(path).read()
+  with open(path, "w") as f:
+    f.write(good[:-20])
+  with pytest.raises(DataError, match=f"^{re.escape(path)}: not valid JSON"):
+    shards.read_manifest(folder)
+  with open(path, "wb") as f:
+    f.write(b"\xff\xfe{}")
+  with pytest.raises(DataError, match=f"^{re.escape(path)}: not valid JSON"):
+    shards.read_manifest(folder)
+  with open(path, "w") as f:
+    f.write(good)
+  _edit_manifest(folder, lambda m: m.pop("shards"))
+  with pytest.raises(DataError, match=f"^{re.escape(path)}: missing field 'shards'"):
+    shards.read_manifest(folder)
+
+
+def test_unfinished_harvest_manifest_reads(make_harvest):
+  """A stopped harvest (not complete, no normalisation yet) passes the schema: harvest resumes
+  from it."""
+  folder = make_harvest(4, windows_per_shard=2)
+  _edit_manifest(folder, lambda m: m.update(complete=False, normalisation=None))
+  assert shards.read_manifest(folder)["complete"] is False
+  s = shards.open_shards(folder, verify=False, require_complete=False)
+  assert s.num_tokens == 64

@@ -13,6 +13,7 @@ import pytest
 
 from experiments import gemma7b, synthetic
 from gsae_jax import plan, sharding
+from gsae_jax.sae import registry
 from gsae_jax.train import optim
 from gsae_jax.sae.spec import describe
 from gsae_jax.train.state import abstract_train_state
@@ -134,3 +135,53 @@ def test_plan_agrees_with_xla_memory_analysis(mesh_shape):
   c = synthetic.get_config()
   c.sae.d_sae, c.train.batch_size = 4096, 512
   assert_plan_agrees_with_xla(c, 64, mesh_shape)
+
+
+class _Accelerator:
+  """A device that reports its own memory limit, as GPUs and TPUs do."""
+  platform, process_index = "gpu", 0
+
+  def __init__(self, limit: int):
+    self.limit = limit
+
+  def memory_stats(self):
+    return {"bytes_limit": self.limit}
+
+
+def test_check_sae_fits_refuses_a_huge_dictionary_on_cpu(tiny_config):
+  from gsae_jax.errors import ConfigError
+  plan.check_sae_fits(tiny_config, tiny_config.data.d_in, jax.local_devices())
+  tiny_config.sae.d_sae = 2**34
+  with pytest.raises(ConfigError) as err:  # planned from shapes: nothing is allocated
+    plan.check_sae_fits(tiny_config, tiny_config.data.d_in, jax.local_devices())
+  message = str(err.value)
+  assert isinstance(err.value, plan.PlanError) and "\n" not in message
+  assert "does not fit in" in message and "'params'" in message, message
+  assert "of available host memory / 8 CPU devices" in message and "--dry_run" in message
+
+
+def test_check_sae_fits_refuses_a_huge_batch(tiny_config):
+  tiny_config.train.batch_size = 2**36
+  with pytest.raises(plan.PlanError, match="'batch'"):
+    plan.check_sae_fits(tiny_config, tiny_config.data.d_in, jax.local_devices())
+
+
+def test_cpu_limit_is_the_host_memory_shared_by_local_devices(monkeypatch):
+  monkeypatch.setattr(plan, "host_available_bytes", lambda: 8 * plan.GiB)
+  limit, source = plan.memory_limit(jax.local_devices())
+  assert plan.memory_limit([]) is None
+  assert limit == plan.GiB and "8.00 GiB of available host memory / 8 CPU devices" in source
+
+
+def test_accelerator_limit_is_its_bytes_limit(tiny_config):
+  p = plan.sae_plan(tiny_config, tiny_config.data.d_in, jax.device_count())
+  plan.check_sae_fits(tiny_config, tiny_config.data.d_in, [_Accelerator(p.total_bytes)])
+  with pytest.raises(plan.PlanError, match="limit: the device's bytes_limit"):
+    plan.check_sae_fits(tiny_config, tiny_config.data.d_in, [_Accelerator(p.total_bytes - 1)])
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_plans_of_huge_dictionaries_are_shapes_only(tiny_config, name):
+  tiny_config.sae.architecture, tiny_config.sae.d_sae = name, 2**34
+  p = plan.sae_plan(tiny_config, tiny_config.data.d_in, 8)
+  assert p.term("params").bytes >= 2 * 16 * 2**34 * 4 // 8  # encoder and decoder

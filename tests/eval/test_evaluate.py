@@ -1,5 +1,6 @@
 """Evaluation: activation metrics equal the batch definitions; loss recovered of the identity
-"SAE" is 1 and of the zero "SAE" is 0; the SAE splice equals a hand-written replacement."""
+"SAE" is 1 and of the zero "SAE" is 0; the SAE splice equals a hand-written replacement;
+held-out shards that do not fit the SAE are refused."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +9,12 @@ import pytest
 from flax import nnx
 
 from gsae_jax import lm as lm_lib
+from gsae_jax.data import harvest
+from gsae_jax.errors import DataError
 from gsae_jax.eval import evaluate, metrics
+from gsae_jax.runs import evaluation
 from gsae_jax.sae.gated import GatedSAE
+from gsae_jax.sae.spec import from_metadata
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +82,61 @@ def test_activation_metrics_accumulate_the_batch_definitions():
   fired = np.asarray(jnp.sum(f > 0, axis=0))
   np.testing.assert_allclose(out["dead_fraction"], np.mean(fired == 0))
   np.testing.assert_allclose(density[fired > 0], np.log10(fired[fired > 0] / 192), rtol=1e-5)
+
+
+def _heldout(folder, d_model=8, **overrides) -> str:
+  """A finished tiny harvest (64 rows) of a fake LM, as launch/harvest.py writes it."""
+  kw = dict(model_id="fake/lm", site="blocks.1.resid_post", layer=1, d_model=d_model,
+            context_length=9, num_tokens=64, bos_token_id=0, windows_per_shard=4, batch_size=4,
+            normalise_sample_tokens=64)
+  windows = (np.r_[0, 1 + 8 * w + np.arange(8)].astype(np.int32) for w in range(8))
+  acts = lambda t: np.sin(0.1 * t[..., None] * np.arange(1, d_model + 1)).astype(np.float32)
+  harvest.harvest(str(folder), windows, acts, harvest.HarvestSpec(**{**kw, **overrides}),
+                  progress=False)
+  return str(folder)
+
+
+SOURCE = {"model_id": "fake/lm", "site": "blocks.1.resid_post", "d_in": 8}
+
+
+@pytest.mark.parametrize("d_model, overrides, said", [
+    (12, {}, "d_model 12 ({manifest}), but the SAE has d_in 8"),
+    (8, {"site": "blocks.2.resid_post", "layer": 2},
+     "site blocks.2.resid_post ({manifest}), but the SAE was trained on blocks.1.resid_post "
+     "(source.json)"),
+    (8, {"model_id": "fake/other"},
+     "model_id fake/other ({manifest}), but the SAE was trained on fake/lm (source.json)"),
+], ids=["d_model", "site", "model_id"])
+def test_heldout_shards_must_match_the_sae(tmp_path, d_model, overrides, said):
+  folder = _heldout(tmp_path / "heldout", d_model, **overrides)
+  with pytest.raises(DataError) as err:
+    evaluation.check_heldout(folder, 8, SOURCE)
+  message = str(err.value)
+  assert "\n" not in message
+  assert message.startswith(f"heldout shards {folder}: "
+                            + said.format(manifest=f"{folder}/manifest.json")), message
+
+
+def test_heldout_shards_that_match_or_are_not_described(tmp_path):
+  folder = _heldout(tmp_path / "heldout")
+  evaluation.check_heldout(folder, 8, SOURCE)
+  evaluation.check_heldout(folder, 8, {"source": "synthetic"})  # no site or model known
+  evaluation.check_heldout(folder, 8, None)
+  with pytest.raises(DataError, match="does not exist"):
+    evaluation.check_heldout(str(tmp_path / "nowhere"), 8, SOURCE)
+
+
+def test_evaluate_runs_checks_heldout_shards_before_evaluating(tmp_path):
+  folder = _heldout(tmp_path / "heldout")
+  spec = from_metadata({"architecture": "gated", "d_in": 8, "d_sae": 16})
+  runs = [{"name": "gated_0", "spec": spec, "params": spec.init_params()}]
+  with pytest.raises(DataError, match="site blocks.1.resid_post .* trained on blocks.6"):
+    evaluation.evaluate_runs(runs, 1.0, folder, 64,
+                             source={**SOURCE, "site": "blocks.6.resid_post"})
+  assert "l0" not in runs[0]
+  wide = [{"name": "wide", "spec": from_metadata({"architecture": "gated", "d_in": 12,
+                                                  "d_sae": 16})}]
+  with pytest.raises(DataError, match="the SAE has d_in 12"):
+    evaluation.evaluate_runs(wide, 1.0, folder, 64)  # d_in is checked without a source
+  evaluation.evaluate_runs(runs, 1.0, folder, 64, source=SOURCE)
+  assert runs[0]["tokens"] == 64 and np.isfinite(runs[0]["fvu"])

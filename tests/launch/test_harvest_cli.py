@@ -57,3 +57,31 @@ def test_harvest_cli_rejects_bad_config(tmp_path):
   assert proc.returncode != 0
   assert "config.site: expected one of" in proc.stderr, proc.stderr[-2000:]
   assert not (tmp_path / "out").exists()
+
+
+def test_harvest_cli_refusals_are_one_line_before_loading_the_model(tmp_path):
+  """The model 'unused' does not exist: each refusal below comes before loading it."""
+  from experiments import harvest_gemma3_270m
+  from gsae_jax.data import harvest
+  from tests.data.conftest import fake_activations, spec, unique_windows
+
+  (tmp_path / "file").write_text("x")
+  proc = _harvest("unused", tmp_path / "file")
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: config.output_dir: expected a folder, found a file at {tmp_path / 'file'}")
+
+  # A harvest of layer 0 (the same config otherwise) in the output folder.
+  c = harvest_gemma3_270m.get_config()
+  c.model, c.output_dir, c.layer, c.site, c.context_length = "unused", "x", 0, "resid_post", T
+  c.num_tokens, c.windows_per_shard, c.batch_size = 1500, 16, 8
+  out = tmp_path / "out"
+  harvest.harvest(str(out), unique_windows(2, 17), fake_activations(8), spec(), c.to_dict(),
+                  progress=False)
+  before = sorted(os.listdir(out))
+  proc = _harvest("unused", out)
+  assert proc.returncode == 1
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: {out}/manifest.json: holds a harvest with another config"), last
+  assert "creation_config.layer: 0 -> 1" in last
+  assert sorted(os.listdir(out)) == before
