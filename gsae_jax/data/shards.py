@@ -130,6 +130,9 @@ def _check_manifest(path: str, manifest) -> None:
   need(_is_int(m["token_count"]) and m["token_count"] >= 0, "token_count", m["token_count"],
        "an int >= 0")
   need(isinstance(m["complete"], bool), "complete", m["complete"], "true or false")
+  if "num_windows" in m:
+    need(_is_int(m["num_windows"]) and m["num_windows"] >= 0, "num_windows", m["num_windows"],
+         "an int >= 0")
   for key in ("model_id", "site"):
     if key in m:
       need(isinstance(m[key], str), key, m[key], "a string")

@@ -110,6 +110,7 @@ def _set(*path_and_value):
     (_set("token_count", -1), "token_count"),
     (_set("token_count", 63), "token_count"),  # the shards hold 64
     (_set("complete", "yes"), "complete"),
+    (_set("num_windows", -4), "num_windows"),
     (_set("site", 6), "site"),
     (_set("model_id", None), "model_id"),
     (_set("normalisation", None), "normalisation"),  # a finished harvest has one
