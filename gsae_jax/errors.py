@@ -8,6 +8,11 @@ there is one, the way out: `config.optim.lr: expected a finite number > 0, found
 from __future__ import annotations
 
 
+def one_line(e: BaseException) -> str:
+  """An exception's message on one line (some library messages span several)."""
+  return " ".join(str(e).split()) or type(e).__name__
+
+
 class GsaeError(Exception):
   """An expected failure caused by input: a config, data, a checkpoint, a workdir."""
 

@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from gsae_jax import configs
-from gsae_jax.errors import DataError
+from gsae_jax.errors import DataError, one_line
 from gsae_jax.sae import registry
 from gsae_jax.sae.spec import SAESpec, from_metadata
 
@@ -93,10 +93,6 @@ def check_params(params: Mapping[str, Any], spec: SAESpec, where: str, *,
 _NOTHING_WRITTEN = "nothing written; export an earlier checkpoint (launch/export.py --step)"
 
 
-def _one_line(e: Exception) -> str:
-  return " ".join(str(e).split())
-
-
 def _fsync(path: str) -> None:
   fd = os.open(path, os.O_RDONLY)
   try:
@@ -138,7 +134,7 @@ def _read_json(path: str, what: str) -> dict:
     with open(path) as f:
       value = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise DataError(f"{path}: not valid JSON ({_one_line(e)})") from None
+    raise DataError(f"{path}: not valid JSON ({one_line(e)})") from None
   except OSError as e:
     raise DataError(f"{path}: cannot be read ({e.strerror})") from None
   if not isinstance(value, dict):
@@ -158,7 +154,7 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as data:
       return {k: data[k] for k in data.files}
   except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-    raise DataError(f"{path}: not a readable .npz ({_one_line(e)})") from None
+    raise DataError(f"{path}: not a readable .npz ({one_line(e)})") from None
 
 
 def _spec_of(metadata: Mapping, where: str) -> SAESpec:
@@ -177,7 +173,7 @@ def _spec_of(metadata: Mapping, where: str) -> SAESpec:
   try:
     return from_metadata(metadata)
   except ValueError as e:
-    raise DataError(f"{where}: {_one_line(e)}") from None
+    raise DataError(f"{where}: {one_line(e)}") from None
 
 
 def save_npz(path: str, params: Mapping[str, np.ndarray], spec: SAESpec,
@@ -287,7 +283,7 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   try:
     return load_file(path)
   except (OSError, SafetensorError, TypeError) as e:  # TypeError: a dtype numpy lacks (bfloat16)
-    raise DataError(f"{path}: not a readable float32 safetensors file ({_one_line(e)})") from None
+    raise DataError(f"{path}: not a readable float32 safetensors file ({one_line(e)})") from None
 
 
 def load_saelens(folder: str, scale: float = 1.0) -> tuple[dict[str, np.ndarray], dict, SAESpec]:
@@ -316,7 +312,7 @@ def load_saelens(folder: str, scale: float = 1.0) -> tuple[dict[str, np.ndarray]
     else:
       cls = registry.by_saelens_name(cfg.get("architecture"))
   except ValueError as e:
-    raise DataError(f"{cfg_path}: {_one_line(e)}") from None
+    raise DataError(f"{cfg_path}: {one_line(e)}") from None
   if not cfg.get("apply_b_dec_to_input", True):
     raise DataError(f"{cfg_path}: apply_b_dec_to_input=false is not supported")
   if cfg.get("normalize_activations", "none") not in ("none", None):
@@ -326,7 +322,7 @@ def load_saelens(folder: str, scale: float = 1.0) -> tuple[dict[str, np.ndarray]
     params, block = cls.from_saelens(tensors, cfg)
   except (KeyError, ValueError) as e:
     raise DataError(f"{folder}: not a loadable SAELens {cfg.get('architecture')!r} SAE: "
-                    f"{_one_line(e)}") from None
+                    f"{one_line(e)}") from None
   shape = np.shape(params["W_dec"])
   if shape != (cfg.get("d_sae"), cfg.get("d_in")):
     raise DataError(f"{weights}: W_dec has shape {shape}, but {cfg_path} says "

@@ -7,17 +7,14 @@ from typing import Any, Callable
 
 from absl import flags, logging
 
+from gsae_jax.errors import one_line
+
 
 def quiet_library_logs() -> None:
   """Library INFO logs (Orbax, JAX) drown the progress lines; keep WARNING and above unless
   the user asked for a --verbosity."""
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-
-
-def one_line(e: BaseException) -> str:
-  """An exception's message on one line (some library messages span several)."""
-  return " ".join(str(e).split()) or type(e).__name__
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -115,3 +115,31 @@ def test_old_export_without_a_recorded_architecture_is_refused(v1, tmp_path):
   with pytest.raises(ValueError, match="records no 'architecture'") as e:
     export.load_npz(str(tmp_path / "sae.npz"))
   assert str(tmp_path / "sae.npz") in str(e.value)
+
+
+_V1_TRAIN = ["--config=experiments/synthetic.py", "--config.train.batch_size=64",
+             "--config.data.d_in=16", "--config.data.m_true=32", "--config.sae.d_sae=64",
+             "--config.data.normalise_sample_tokens=2048", "--config.checkpoint.save_every=2"]
+
+
+def _train_cli(workdir, *extra):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return subprocess.run([sys.executable, "-m", "launch.train", f"--workdir={workdir}",
+                         *_V1_TRAIN, *extra], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+
+
+def test_train_cli_adopts_a_v1_workdir_and_refuses_another_run_on_it(v1, tmp_path):
+  """A workdir without run.json: its checkpoint's config is the recorded run."""
+  workdir = tmp_path / "gated"
+  shutil.copytree(v1 / "gated", workdir)
+  refused = _train_cli(workdir, "--config.train.steps=6", "--config.sae.d_sae=128",
+                       "--allow_changes=train.steps")
+  assert refused.returncode == 1 and "sae.d_sae: 64 -> 128" in refused.stderr, refused.stderr
+  assert not (workdir / "run.json").exists()
+  resumed = _train_cli(workdir, "--config.train.steps=6", "--allow_changes=train.steps")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resuming from" in resumed.stdout
+  history = [json.loads(l) for l in (workdir / "history.jsonl").read_text().splitlines()]
+  assert history[0]["event"] == "adopted" and history[0]["step"] == 4
+  assert history[0]["changes"] == {"train.steps": [4, 6]}

@@ -41,16 +41,17 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix[:-1]: tree}
 
 
-def of(config, source_info: dict) -> dict[str, Any]:
+def of(config, source_info: dict, shard_checksums: bool = True) -> dict[str, Any]:
   """The identity of the run `config` on the source described by `source_info`
-  (`training.source_description`): {dotted field: JSON value}."""
+  (`training.source_description`): {dotted field: JSON value}. `shard_checksums` reads the
+  shard folder's manifest for a digest of its checksums."""
   flat = _flatten(json.loads(config.to_json_best_effort()))
   arch = config.sae.architecture
   unused_blocks = [f"sae.{k}" for k, v in config.sae.items() if hasattr(v, "keys") and k != arch]
   identity = {k: v for k, v in flat.items()
               if not _under(k, _OPERATIONAL) and not _under(k, unused_blocks)}
   identity.update({f"source.{k}": v for k, v in source_info.items() if k != "source"})
-  if config.data.source == "shards":
+  if config.data.source == "shards" and shard_checksums:
     manifest = shards.read_manifest(config.data.path)
     digest = hashlib.sha256("".join(e["sha256"] for e in manifest["shards"]).encode())
     identity["source.shard_checksums"] = digest.hexdigest()
@@ -70,12 +71,20 @@ def _read(workdir: str) -> dict | None:
                       "this workdir holds: restore it or use a new --workdir") from None
 
 
-def changes(workdir: str, identity: dict, allowed: Sequence[str] = ()) -> dict[str, list]:
+def changes(workdir: str, identity: dict, allowed: Sequence[str] = (),
+            earlier: dict | None = None) -> dict[str, list]:
   """{field: [recorded, new]} of the changes `allowed` lets through; raises RunMismatch naming
-  the others. A workdir without run.json (new, or written by an earlier version) has none."""
-  recorded = _read(workdir)
+  the others. A workdir without run.json is new (no changes), or was written by an earlier
+  version: then `earlier`, the identity rebuilt from its checkpoint's config and source.json, is
+  compared on the fields both know."""
+  recorded, where = _read(workdir), os.path.join(workdir, RUN_FILE)
   if recorded is None:
-    return {}
+    if earlier is None:
+      return {}
+    recorded = earlier
+    identity = {k: v for k, v in identity.items() if k in earlier}
+    recorded = {k: v for k, v in earlier.items() if k in identity}
+    where = f"{os.path.join(workdir, 'checkpoints')} (an earlier version's run)"
   diff = {k: [recorded.get(k), identity.get(k)] for k in sorted(set(recorded) | set(identity))
           if recorded.get(k) != identity.get(k)}
   refused = [k for k in diff if not _under(k, allowed)]
@@ -83,7 +92,7 @@ def changes(workdir: str, identity: dict, allowed: Sequence[str] = ()) -> dict[s
     shown = "; ".join(f"{k}: {diff[k][0]!r} -> {diff[k][1]!r}" for k in refused[:3])
     more = f" (and {len(refused) - 3} more: {', '.join(refused[3:8])})" if len(refused) > 3 else ""
     raise RunMismatch(
-        f"{os.path.join(workdir, RUN_FILE)}: this workdir holds another run: {shown}{more}; use "
+        f"{where}: this workdir holds another run: {shown}{more}; use "
         f"a new --workdir, or continue this run with the change: --allow_changes="
         f"{','.join(refused)}")
   return diff

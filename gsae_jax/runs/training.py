@@ -9,6 +9,7 @@ import os
 from typing import Any, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 
 from gsae_jax import configs, distributed, locking, plan, sharding
@@ -89,11 +90,12 @@ def run(config, workdir: str, restore_step: int | None = None,
   run_id = identity.of(config, described)
   primary = distributed.is_primary()
   with locking.hold(workdir, enabled=primary):
-    changed = identity.changes(workdir, run_id, allow_changes)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                                 save_every=config.checkpoint.save_every,
                                 keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     try:
+      changed = identity.changes(workdir, run_id, allow_changes,
+                                 _earlier_identity(workdir, checkpointer))
       if primary:  # the run is accepted: from here on the workdir is this run's
         steps = checkpointer.steps()
         identity.record(workdir, run_id, changed, steps[-1] if steps else None)
@@ -102,6 +104,25 @@ def run(config, workdir: str, restore_step: int | None = None,
       return _train(config, workdir, mesh, source, spec, path, checkpointer, restore_step)
     finally:
       checkpointer.close()
+
+
+def _earlier_identity(workdir: str, checkpointer: Checkpointer) -> dict | None:
+  """The identity of a run an earlier version left in `workdir` (checkpoints but no run.json),
+  rebuilt from its latest checkpoint's config and its source.json; None otherwise."""
+  steps = checkpointer.steps()
+  if not steps or os.path.exists(os.path.join(workdir, identity.RUN_FILE)):
+    return None
+  try:
+    saved = checkpointer.restore_config(steps[-1])
+  except Exception:  # a damaged checkpoint: its restore names it, with the way out
+    return None
+  saved = ml_collections.ConfigDict(configs.upgrade_legacy(saved))
+  source_path = os.path.join(workdir, "source.json")
+  described = {}
+  if os.path.exists(source_path):
+    with open(source_path) as f:
+      described = json.load(f)
+  return identity.of(saved, described, shard_checksums=False)
 
 
 def _train(config, workdir: str, mesh, source, spec: SAESpec, path: paths.PathChoice,

@@ -51,3 +51,12 @@ def test_unreadable_run_file_is_refused(tmp_path):
   (tmp_path / identity.RUN_FILE).write_text("{not json")
   with pytest.raises(RunMismatch, match="run.json: unreadable"):
     identity.changes(str(tmp_path), {})
+
+
+def test_earlier_version_identity_is_compared_on_shared_fields(tiny_config, tmp_path):
+  earlier = identity.of(tiny_config, {"d_in": 16})  # no normalisation_scale recorded then
+  now = tiny_config.copy_and_resolve_references()
+  assert identity.changes(str(tmp_path), identity.of(now, SOURCE), earlier=earlier) == {}
+  now.sae.d_sae = 128
+  with pytest.raises(RunMismatch, match=r"checkpoints \(an earlier version's run\).*sae.d_sae"):
+    identity.changes(str(tmp_path), identity.of(now, SOURCE), earlier=earlier)
