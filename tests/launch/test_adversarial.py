@@ -335,6 +335,26 @@ def test_rerun_on_other_shards_is_refused(shard_sets, workdir_copy, other, culpr
   assert_unchanged(before, workdir_copy, "workdir")
 
 
+def test_refused_rerun_on_other_shards_keeps_the_export_labelled_right(shard_sets, workdir_copy,
+                                                                       tmp_path):
+  """The report's first finding as written: a refused re-run on B with d_sae doubled used to
+  overwrite source.json and config.json, so export labelled A's SAE with B's hook and scale."""
+  before = snapshot(workdir_copy)
+  proc = run_cli("train", *train_args(workdir_copy, shard_sets["B_site"], sae__d_sae=64))
+  assert_one_line_error(proc, "sae.d_sae", "source.site")
+  assert "unreadable" not in proc.stderr and "--restore_step" not in proc.stderr
+  assert_unchanged(before, workdir_copy, "workdir")
+  out = tmp_path / "export"
+  exported = run_cli("export", f"--workdir={workdir_copy}", f"--out={out}")
+  assert exported.returncode == 0, _detail(exported)
+  cfg = json.loads((out / "saelens" / "cfg.json").read_text())
+  assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
+  a_scale = json.loads(open(os.path.join(shard_sets["A"], "manifest.json")).read())
+  assert cfg["metadata"]["gsae_jax_folded_scale"] == pytest.approx(
+      a_scale["normalisation"]["scale"])
+  assert json.loads((out / "sae.json").read_text())["site"] == "blocks.1.resid_post"
+
+
 def test_rerun_identical_command_is_accepted(shard_sets, workdir_copy):
   proc = run_cli("train", *train_args(workdir_copy, shard_sets["A"]))
   assert proc.returncode == 0, _detail(proc)
