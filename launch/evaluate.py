@@ -4,21 +4,23 @@ r"""Evaluates trained SAEs: metrics on held-out activations and loss recovered i
       [--model=gemma3-270m --skip_windows=N --num_sequences=32 --context_length=128]
 
 Reads the latest checkpoint of DIR (a `launch.train` workdir; a lambda sweep evaluates every
-member) and writes `DIR/eval.json` and `DIR/density[_<member>].png`. Without --model only
-activation metrics are computed.
+member) and writes `DIR/eval.json`, `DIR/density[_<member>].png`, SAEBench's core-eval layout
+`DIR/eval_saebench_core[_<member>].json`, and the results to TensorBoard (`DIR/tensorboard`, at
+the checkpoint's step). Without --model only activation metrics are computed.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from absl import app, flags
 
 from experiments import harvest_gemma3_270m
 from gsae_jax.data.shards import write_atomic
-from gsae_jax.eval import report
-from gsae_jax.runs import evaluation, exporting, harvesting
+from gsae_jax.eval import report, saebench
+from gsae_jax.runs import evaluation, exporting, harvesting, live_metrics
 from gsae_jax.runs.sweep import coefficient_label
 from launch.common import parse_flags, run_guarded
 
@@ -51,11 +53,27 @@ def _main() -> None:
                                                      _NUM_SEQ.value, _LM_BATCH.value)
   evaluation.evaluate_runs(runs, source["normalisation_scale"], _EVAL_SHARDS.value,
                            _MAX_TOKENS.value, lm, token_batches, source.get("site"), source=source)
-  for i, r in enumerate(runs):
-    if "log10_density" in r:
+  bench_config = {"model_name": source.get("model_id") or ""}
+  if lm is not None:
+    bench_config.update(batch_size_prompts=_LM_BATCH.value, context_size=_CONTEXT.value,
+                        n_eval_reconstruction_batches=len(token_batches),
+                        dataset=text_config.text.source, llm_dtype=text_config.model_dtype)
+  elif _EVAL_SHARDS.value:
+    bench_config["dataset"] = _EVAL_SHARDS.value
+  with live_metrics.LiveMetrics(_WORKDIR.value) as board:
+    for i, r in enumerate(runs):
       suffix = f"_{i}" if spec.sweep else ""
-      report.density_histogram(r["log10_density"],
-                               os.path.join(_WORKDIR.value, f"density{suffix}.png"), r["name"])
+      if "log10_density" in r:
+        report.density_histogram(r["log10_density"],
+                                 os.path.join(_WORKDIR.value, f"density{suffix}.png"), r["name"])
+      config = dict(bench_config)
+      if "tokens" in r:
+        config["n_eval_sparsity_variance_batches"] = math.ceil(r["tokens"] / evaluation.EVAL_BATCH)
+      core = saebench.core_eval_output(r, r["spec"], source, source["normalisation_scale"], config)
+      write_atomic(os.path.join(_WORKDIR.value, f"eval_saebench_core{suffix}.json"),
+                   json.dumps(core, indent=2).encode())
+      board.eval_results(trained.step, evaluation.public(r), r.get("log10_density"),
+                         prefix=f"eval{suffix}")
   out = [evaluation.public(r) for r in runs]
   write_atomic(os.path.join(_WORKDIR.value, "eval.json"),
                json.dumps(out if spec.sweep else out[0], indent=2).encode())

@@ -1,14 +1,17 @@
 """Evaluation of a trained SAE: reconstruction metrics on held-out activations, and loss
-recovered by splicing the reconstruction into the LM (GATED_SAE.md section 5).
+recovered and KL divergence by splicing the reconstruction into the LM (GATED_SAE.md section 5).
 
-Names follow SAELens' eval keys where the meaning is the same (`l0`, `mse`,
-`explained_variance`, `relative_reconstruction_bias`, `ce_loss_score`, `ce_loss_with_sae`,
-`ce_loss_without_sae`, `ce_loss_with_ablation`); ours otherwise (`fvu`, `delta_lm_loss`,
-`dead_fraction`, `dense_fraction`).
+Names follow SAELens' eval keys where the meaning is the same (`l0`, `l1`, `mse`,
+`explained_variance`, `cossim`, `l2_norm_in`, `l2_norm_out`, `l2_ratio`,
+`relative_reconstruction_bias`, `ce_loss_score`, `ce_loss_with_sae`, `ce_loss_without_sae`,
+`ce_loss_with_ablation`, `kl_div_score`, `kl_div_with_sae`, `kl_div_with_ablation`); ours
+otherwise (`fvu`, `explained_variance_per_token`, `delta_lm_loss`, `dead_fraction`,
+`dense_fraction`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Iterable
 
@@ -16,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gsae_jax.eval import metrics as m
 
@@ -26,7 +30,8 @@ def _batch_sums(graphdef):
   def sums(params, x):
     sae = nnx.merge(graphdef, params)
     f = sae.encode(x)
-    return m.reconstruction_sums(x, sae.decode(f), f)
+    x_hat = sae.decode(f)
+    return m.reconstruction_sums(x, x_hat, f), m.token_sums(x, x_hat, f)
   return sums
 
 
@@ -41,12 +46,14 @@ def activation_metrics(graphdef, params: dict, batches: Iterable[jax.Array],
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
     raise ValueError("activation_metrics: no batches to evaluate")
-  rec = {k: float(v) for k, v in m.reconstruction_metrics(totals).items()}
-  counts, tokens = totals["fire_count"], totals["tokens"]
+  pooled, per_token = totals
+  rec = {k: float(v) for k, v in m.reconstruction_metrics(pooled).items()}
+  counts, tokens = pooled["fire_count"], pooled["tokens"]
   out = {
       "l0": rec["l0"], "mse": rec["mse"], "fvu": rec["fvu"],
       "explained_variance": rec["explained_variance"],
       "relative_reconstruction_bias": rec["gamma"],
+      **{k: float(v) for k, v in m.token_metrics(per_token).items()},
       "dead_fraction": float(m.dead_fraction(counts)),
       "dense_fraction": float(m.dense_fraction(counts, tokens, dense_threshold)),
       "tokens": int(tokens),
@@ -65,33 +72,96 @@ def splice_fn(graphdef) -> Callable[[jax.Array, Any], jax.Array]:
   return fn
 
 
+@dataclasses.dataclass(frozen=True)
+class LMPasses:
+  """What `lm_losses` measured, as means over the same non-BOS target positions.
+
+  ce: next-token cross-entropy of 'clean', 'zero' (site zero-ablated) and each replacement.
+  kl: KL(clean || spliced) of the next-token distributions of 'zero' and each replacement.
+  tokens: the number of positions averaged over.
+  """
+  ce: dict[str, float]
+  kl: dict[str, float]
+  tokens: int
+
+
 def _zeros(act):
   return jnp.zeros_like(act)
 
 
+def _logprobs_and_nll(model, tokens, bos, site, fn, fn_params, with_params):
+  """log p [batch, seq-1, vocab], -log p(target) and the target mask [batch, seq-1] with `site`
+  replaced by fn (site None: clean), exactly as `LanguageModel.loss_with_replacement` does:
+  BOS activations kept, targets equal to BOS not scored."""
+  is_bos = (tokens == bos) if bos is not None else jnp.zeros(tokens.shape, bool)
+
+  def tap(name, t):
+    if name != site:
+      return t
+    new = fn(t, fn_params) if with_params else fn(t)
+    return jnp.where(is_bos[..., None], t, new.astype(t.dtype))
+  logp = jax.nn.log_softmax(model(tokens, tap)[:, :-1], axis=-1)
+  nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  return logp, nll, ~is_bos[:, 1:]
+
+
+@functools.lru_cache(maxsize=None)
+def _clean_pass(graphdef, bos):
+  """jit(params, tokens) -> (CE sum, log p): the clean log-probs stay on device for the KLs."""
+  def run(params, tokens):
+    logp, nll, mask = _logprobs_and_nll(nnx.merge(graphdef, params), tokens, bos, None, None,
+                                        None, False)
+    return jnp.sum(jnp.where(mask, nll, 0.0)), logp
+  return jax.jit(run)
+
+
+@functools.lru_cache(maxsize=None)
+def _spliced_pass(graphdef, bos, site, fn, with_params):
+  """jit(params, tokens, fn_params, clean_logp) -> (CE sum, KL(clean || spliced) sum): one LM
+  forward gives both, so the KL costs no extra pass. Cached per fn: one compilation each."""
+  def run(params, tokens, fn_params, clean_logp):
+    logp, nll, mask = _logprobs_and_nll(nnx.merge(graphdef, params), tokens, bos, site, fn,
+                                        fn_params, with_params)
+    kl = jnp.sum(jnp.exp(clean_logp) * (clean_logp - logp), axis=-1)
+    return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(jnp.where(mask, kl, 0.0))
+  return jax.jit(run)
+
+
 def lm_losses(lm, token_batches: Iterable[np.ndarray], site: str,
-              replacements: dict[str, tuple[Callable, Any]]) -> dict[str, float]:
-  """Mean next-token CE over all batches: 'clean', 'zero' (site zero-ablated) and one per named
-  replacement (fn, fn_params), weighted by each batch's number of non-BOS targets."""
+              replacements: dict[str, tuple[Callable, Any]]) -> LMPasses:
+  """Mean next-token CE and KL(clean || spliced) over all batches, for the clean LM, the site
+  zero-ablated ('zero') and each named replacement (fn, fn_params; fn_params None: fn(act)).
+  One LM forward per batch and variant, as before the KL was added."""
+  lm.site_dim(site)  # a bad site fails here, naming the valid ones
   bos = lm.config.bos_token_id
-  totals: dict[str, float] = {}
+  variants = {"zero": (_zeros, None), **replacements}
+  ce = dict.fromkeys(["clean", *variants], 0.0)
+  kl = dict.fromkeys(variants, 0.0)
   count = 0
   for tokens in token_batches:
-    n = int(np.sum(np.asarray(tokens)[:, 1:] != bos)) if bos is not None else tokens[:, 1:].size
-    losses = {"clean": lm.loss(tokens), "zero": lm.loss_with_replacement(tokens, site, _zeros)}
-    for name, (fn, fn_params) in replacements.items():
-      losses[name] = lm.loss_with_replacement(tokens, site, fn, fn_params)
-    for name, value in losses.items():
-      totals[name] = totals.get(name, 0.0) + float(value) * n
-    count += n
+    tokens = np.asarray(tokens, np.int32)
+    count += int(np.sum(tokens[:, 1:] != bos)) if bos is not None else tokens[:, 1:].size
+    if lm.mesh is not None:  # batch on the data axis, as LanguageModel places it
+      tokens = jax.device_put(tokens, NamedSharding(lm.mesh, P("data", None)))
+    ce_sum, clean_logp = _clean_pass(lm.graphdef, bos)(lm.params, tokens)
+    ce["clean"] += float(ce_sum)
+    for name, (fn, fn_params) in variants.items():
+      run = _spliced_pass(lm.graphdef, bos, site, fn, fn_params is not None)
+      ce_sum, kl_sum = run(lm.params, tokens, fn_params, clean_logp)
+      ce[name] += float(ce_sum)
+      kl[name] += float(kl_sum)
   if not count:
     raise ValueError("lm_losses: no target tokens to evaluate")
-  return {k: v / count for k, v in totals.items()}
+  return LMPasses({k: v / count for k, v in ce.items()}, {k: v / count for k, v in kl.items()},
+                  count)
 
 
-def loss_recovered_metrics(losses: dict[str, float], name: str) -> dict[str, float]:
-  """SAELens-named loss-recovered metrics of replacement `name` from `lm_losses` output."""
-  clean, zero, sae = losses["clean"], losses["zero"], losses[name]
+def loss_recovered_metrics(passes: LMPasses, name: str) -> dict[str, float]:
+  """SAELens-named loss-recovered and KL metrics of replacement `name` from `lm_losses`."""
+  clean, zero, sae = passes.ce["clean"], passes.ce["zero"], passes.ce[name]
   return {"ce_loss_score": m.loss_recovered(clean, sae, zero), "ce_loss_with_sae": sae,
           "ce_loss_without_sae": clean, "ce_loss_with_ablation": zero,
-          "delta_lm_loss": sae - clean}
+          "delta_lm_loss": sae - clean,
+          "kl_div_score": m.kl_div_score(passes.kl[name], passes.kl["zero"]),
+          "kl_div_with_sae": passes.kl[name], "kl_div_with_ablation": passes.kl["zero"],
+          "lm_tokens": passes.tokens}

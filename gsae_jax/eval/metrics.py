@@ -36,7 +36,9 @@ def reconstruction_sums(x: jax.Array, x_hat: jax.Array, f: jax.Array | None = No
 def reconstruction_metrics(s: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """L0, MSE (per element), FVU, explained variance and gamma from accumulated sums.
 
-  FVU = E||x - x_hat||^2 / E||x - E[x]||^2; gamma = E||x_hat||^2 / E[x . x_hat].
+  FVU = E||x - x_hat||^2 / E||x - E[x]||^2 over all tokens and dimensions; explained variance
+  = 1 - FVU (SAELens' pooled `explained_variance`); gamma = E||x_hat||^2 /
+  E[x . x_hat].
   """
   n = s["tokens"]
   d_in = s["x_sum"].shape[-1]
@@ -49,6 +51,38 @@ def reconstruction_metrics(s: dict[str, jax.Array]) -> dict[str, jax.Array]:
       "explained_variance": 1.0 - fvu,
       "gamma": s["x_hat_sq"] / s["x_dot_x_hat"],
   }
+
+
+def token_sums(x: jax.Array, x_hat: jax.Array, f: jax.Array) -> dict[str, jax.Array]:
+  """Additive sums of per-token quantities (SAELens' / SAEBench's per-token means), for
+  evaluation only. x, x_hat [batch, d_in]; f [batch, d_sae].
+
+  explained variance per token (SAELens' `explained_variance_legacy`):
+  1 - ||x_t - x_hat_t||^2 / ||x_t - mean_batch(x)||^2; it depends on the batch through the mean,
+  which is why `reconstruction_metrics`' pooled `explained_variance` is the headline number.
+  """
+  x32, xh32 = x.astype(jnp.float32), x_hat.astype(jnp.float32)
+  norm_in = jnp.linalg.norm(x32, axis=-1)
+  norm_out = jnp.linalg.norm(xh32, axis=-1)
+  centred_sq = jnp.sum(jnp.square(x32 - jnp.mean(x32, axis=0)), axis=-1)
+  err_sq = jnp.sum(jnp.square(x32 - xh32), axis=-1)
+  # SAELens guards the ratio the same way: a near-zero input counts its output norm as the ratio.
+  ratio = norm_out / jnp.where(norm_in < 1e-4, 1.0, norm_in)
+  tiny = jnp.finfo(jnp.float32).tiny
+  return {
+      "tokens": jnp.asarray(x.shape[0], jnp.float32),
+      "l2_norm_in": jnp.sum(norm_in),
+      "l2_norm_out": jnp.sum(norm_out),
+      "l2_ratio": jnp.sum(ratio),
+      "cossim": jnp.sum(jnp.sum(x32 * xh32, axis=-1) / jnp.maximum(norm_in * norm_out, tiny)),
+      "explained_variance_per_token": jnp.sum(1.0 - err_sq / jnp.maximum(centred_sq, tiny)),
+      "l1": jnp.sum(jnp.abs(f.astype(jnp.float32))),
+  }
+
+
+def token_metrics(s: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Means over tokens of `token_sums` (accumulated over batches)."""
+  return {k: v / s["tokens"] for k, v in s.items() if k != "tokens"}
 
 
 def batch_metrics(x: jax.Array, x_hat: jax.Array, f: jax.Array) -> dict[str, jax.Array]:
@@ -83,3 +117,9 @@ def log10_feature_density(fire_counts: jax.Array, tokens: jax.Array) -> jax.Arra
 def loss_recovered(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
   """(CE_zero - CE_sae) / (CE_zero - CE_clean): 1 = the SAE costs nothing, 0 = as bad as zeros."""
   return (ce_zero - ce_sae) / (ce_zero - ce_clean)
+
+
+def kl_div_score(kl_sae: float, kl_ablation: float) -> float:
+  """(KL_ablation - KL_sae) / KL_ablation (SAELens' `kl_div_score`): 1 = the spliced LM predicts
+  the clean distribution, 0 = as far from it as with the site zero-ablated."""
+  return (kl_ablation - kl_sae) / kl_ablation

@@ -74,7 +74,8 @@ def evaluate_runs(runs: list[dict], scale: float, eval_shards: str | None, max_t
                   lm=None, token_batches=None, site: str | None = None,
                   source: Mapping | None = None) -> list[dict]:
   """Adds metrics to each run dict {name, spec, params, ...} (in place) and returns them.
-  The clean and zero-ablated LM losses are computed once for all runs. `source` describes the
+  The clean and zero-ablated LM passes are run once for all runs; each run's spliced pass gives
+  its loss recovered and its KL score (`evaluate.loss_recovered_metrics`). `source` describes the
   training data (source.json); held-out shards must match it (`check_heldout`)."""
   if eval_shards:
     for d_in in sorted({r["spec"].d_in for r in runs}):  # before any run is evaluated
@@ -86,9 +87,9 @@ def evaluate_runs(runs: list[dict], scale: float, eval_shards: str | None, max_t
       r.update(metrics)
   if lm is not None:
     replacements = {r["name"]: (_splice(r["spec"].graphdef), (r["params"], scale)) for r in runs}
-    losses = evaluate.lm_losses(lm, token_batches, site, replacements)
+    passes = evaluate.lm_losses(lm, token_batches, site, replacements)
     for r in runs:
-      r.update(evaluate.loss_recovered_metrics(losses, r["name"]))
+      r.update(evaluate.loss_recovered_metrics(passes, r["name"]))
   return runs
 
 

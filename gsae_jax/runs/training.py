@@ -17,7 +17,7 @@ from gsae_jax.checkpoint import Checkpointer
 from gsae_jax.data import shards
 from gsae_jax.data.sources import make_source
 from gsae_jax.eval.metrics import mean_max_cosine
-from gsae_jax.runs import identity, stopping
+from gsae_jax.runs import identity, live_metrics, stopping
 from gsae_jax.sae.spec import SAESpec, describe
 from gsae_jax.train import paths
 from gsae_jax.train.loop import train
@@ -133,11 +133,13 @@ def _train(config, workdir: str, mesh, source, spec: SAESpec, path: paths.PathCh
   if checkpointer.steps():
     print(f"resuming from {checkpointer.directory} (steps {checkpointer.steps()})", flush=True)
   log_path = os.path.join(workdir, "metrics.jsonl") if distributed.is_primary() else os.devnull
-  with open(log_path, "a") as log_file, stopping.watch_signals(graceful=True) as requested:
+  with open(log_path, "a") as log_file, stopping.watch_signals(graceful=True) as requested, \
+       live_metrics.LiveMetrics(workdir, enabled=distributed.is_primary()) as board:
     def on_metrics(step, m):
       print(progress_line(step, config.train.steps, m, shown), flush=True)
       log_file.write(json.dumps({"step": step, **_strict_json(m)}, allow_nan=False) + "\n")
       log_file.flush()
+      board.train_metrics(step, m)
 
     state = train(config, mesh, source.batches, spec, on_metrics, checkpointer, restore_step,
                   stop_requested=lambda: requested() is not None)

@@ -1,6 +1,7 @@
-"""Evaluation: activation metrics equal the batch definitions; loss recovered of the identity
-"SAE" is 1 and of the zero "SAE" is 0; the SAE splice equals a hand-written replacement;
-held-out shards that do not fit the SAE are refused."""
+"""Evaluation: activation metrics equal the batch definitions; loss recovered and KL score of
+the identity "SAE" are 1 and of the zero "SAE" 0; the passes' CE equals the LM's losses and
+their KL a hand-written one; the SAE splice equals a hand-written replacement; held-out shards
+that do not fit the SAE are refused."""
 
 import jax
 import jax.numpy as jnp
@@ -44,14 +45,46 @@ def _sae(d_in, d_sae=48, seed=0):
 def test_identity_recovers_all_and_zero_recovers_nothing(lm):
   site = "blocks.0.resid_post"
   batches = [_tokens(lm, s) for s in range(2)]
-  losses = evaluate.lm_losses(lm, batches, site, {
+  passes = evaluate.lm_losses(lm, batches, site, {
       "identity": (lambda a: a, None), "zeros": (jnp.zeros_like, None)})
-  ident = evaluate.loss_recovered_metrics(losses, "identity")
-  zero = evaluate.loss_recovered_metrics(losses, "zeros")
-  assert losses["zero"] > losses["clean"] + 0.01  # ablating the residual stream hurts
+  ident = evaluate.loss_recovered_metrics(passes, "identity")
+  zero = evaluate.loss_recovered_metrics(passes, "zeros")
+  assert passes.ce["zero"] > passes.ce["clean"] + 0.01  # ablating the residual stream hurts
   np.testing.assert_allclose(ident["ce_loss_score"], 1.0, atol=1e-5)
   np.testing.assert_allclose(ident["delta_lm_loss"], 0.0, atol=1e-5)
   np.testing.assert_allclose(zero["ce_loss_score"], 0.0, atol=1e-5)
+  assert zero["kl_div_with_ablation"] > 0.01
+  np.testing.assert_allclose(ident["kl_div_with_sae"], 0.0, atol=1e-6)
+  np.testing.assert_allclose(ident["kl_div_score"], 1.0, atol=1e-5)
+  np.testing.assert_allclose(zero["kl_div_score"], 0.0, atol=1e-5)
+  assert ident["lm_tokens"] == 2 * 4 * 23  # no BOS among the generated targets
+
+
+def test_lm_passes_equal_the_lm_losses_and_a_hand_written_kl(lm):
+  """CE equals LanguageModel.loss(_with_replacement); KL is the mean over non-BOS targets of
+  sum_v p_clean (log p_clean - log p_spliced), BOS targets excluded as in the losses."""
+  site = "blocks.1.resid_pre"
+  tokens = _tokens(lm, 5)
+  tokens[1, 7] = lm.config.bos_token_id  # a BOS inside a window: neither replaced nor scored
+  half = lambda a: 0.5 * a
+  passes = evaluate.lm_losses(lm, [tokens], site, {"half": (half, None)})
+  np.testing.assert_allclose(passes.ce["clean"], lm.loss(tokens), rtol=1e-5)
+  np.testing.assert_allclose(passes.ce["half"], lm.loss_with_replacement(tokens, site, half),
+                             rtol=1e-5)
+  clean = jax.nn.log_softmax(lm.logits(tokens)[:, :-1], axis=-1)
+  is_bos = np.asarray(tokens == lm.config.bos_token_id)
+  acts = lm.activations(tokens, site)[site]
+  kept = jnp.where(is_bos[..., None], acts, 0.5 * acts)
+
+  def spliced_logits(params, toks):
+    model = nnx.merge(lm.graphdef, params)
+    return model(toks, lambda name, t: kept if name == site else t)
+  spliced = jax.nn.log_softmax(jax.jit(spliced_logits)(lm.params, tokens)[:, :-1], axis=-1)
+  kl = np.asarray(jnp.sum(jnp.exp(clean) * (clean - spliced), axis=-1))
+  mask = ~is_bos[:, 1:]
+  assert passes.tokens == mask.sum() == 4 * 23 - 1
+  np.testing.assert_allclose(passes.kl["half"], kl[mask].mean(), rtol=1e-4)
+  assert passes.kl["half"] > 1e-4
 
 
 def test_sae_splice_equals_hand_written_replacement(lm):

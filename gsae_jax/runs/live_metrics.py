@@ -1,0 +1,71 @@
+"""Live metrics: TensorBoard event files in `<workdir>/tensorboard`, beside metrics.jsonl.
+
+Training writes every logged step's metrics as scalars; evaluation writes its results at the
+checkpoint's step and the log10 feature density as a histogram. Written with tensorboardX: a
+small pure-Python writer (numpy + protobuf), no TensorFlow or torch needed.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from typing import Any, Mapping
+
+import numpy as np
+from tensorboardX import SummaryWriter
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+class LiveMetrics:
+  """A TensorBoard writer for one workdir; disabled (every call a no-op) off the primary process,
+  so that one process of a multi-host run writes the files."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self._writer = (SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR), flush_secs=30)
+                    if enabled else None)
+
+  def scalars(self, step: int, metrics: Mapping[str, Any], prefix: str) -> None:
+    """Each number as `<prefix>/<name>`; a list (one value per sweep member) as
+    `<prefix>/<name>/<member>`. Anything else (text, None) is skipped."""
+    if self._writer is None:
+      return
+    for name, value in metrics.items():
+      values = value if isinstance(value, list) else [value]
+      for i, v in enumerate(values):
+        if isinstance(v, numbers.Real):
+          tag = f"{prefix}/{name}/{i}" if isinstance(value, list) else f"{prefix}/{name}"
+          self._writer.add_scalar(tag, float(v), step)
+
+  def train_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
+    """One logged training step (the dict metrics.jsonl holds), flushed at once so a board
+    watching the run sees it."""
+    self.scalars(step, metrics, "train")
+    if self._writer is not None:
+      self._writer.flush()
+
+  def eval_results(self, step: int, metrics: Mapping[str, Any], log10_density: Any = None,
+                   prefix: str = "eval") -> None:
+    """An evaluation's scalars, and the log10 feature density as the histogram
+    `<prefix>/log10_feature_density` (features that never fired are -inf, which a histogram
+    cannot hold: they are the `dead_fraction` scalar)."""
+    self.scalars(step, metrics, prefix)
+    if self._writer is None:
+      return
+    if log10_density is not None:
+      density = np.asarray(log10_density, np.float64)
+      fired = density[np.isfinite(density)]
+      if fired.size:
+        self._writer.add_histogram(f"{prefix}/log10_feature_density", fired, step)
+    self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+  def __enter__(self) -> "LiveMetrics":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
