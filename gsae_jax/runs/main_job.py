@@ -8,7 +8,7 @@ import time
 
 from gsae_jax import export
 from gsae_jax.eval import frontier, report
-from gsae_jax.runs import evaluation, harvesting, sweep
+from gsae_jax.runs import evaluation, features, harvesting, sweep
 
 
 COMPARED = ("ce_loss_score", "fvu", "relative_reconstruction_bias", "delta_lm_loss")
@@ -63,13 +63,22 @@ def run_main(c, out: str) -> dict:
                              f"{arch} ({r['label']})")
     exported[arch] = folder
   t = _stage("export", t, timings)
+  browsers = {}
+  if "gated" in matched["architectures"]:  # the paper's architecture: its features, browsable
+    r = matched["architectures"]["gated"]["nearest"]
+    index = features.write_browser(
+        os.path.join(out, "features", "gated"), r["params"], r["spec"],
+        source["normalisation_scale"], held_h.output_dir, lm_tok[0], lm_tok[1],
+        title=f"gated ({r['label']}) on {source['model_id']} {source['site']}", site=source["site"])
+    browsers["gated"] = os.path.relpath(index, out)
+    t = _stage("feature browser", t, timings)
   timings["total"] = time.perf_counter() - t_start
 
   summary = {**{arch: evaluation.public(e["nearest"])
                 for arch, e in matched["architectures"].items()},
              "matched": {"l0": matched["l0"], "anchor_l0": matched["anchor_l0"], "interpolated": {
                  arch: {k: e[k] for k in COMPARED} for arch, e in matched["architectures"].items()}},
-             "exported": exported,
+             "exported": exported, "feature_browsers": browsers,
              "timings_s": timings, "train_tokens": manifest["token_count"],
              "heldout_tokens": held_manifest["token_count"], "site": manifest["site"],
              "model": manifest["model_id"], "train_steps": s.train.train.steps}
@@ -96,6 +105,8 @@ def _write_report(out: str, summary: dict, runs: list[dict]) -> None:
   else:
     at_l0 = "The architectures' L0 ranges do not overlap: widen the grids to compare at equal L0."
   densities = " ".join(f"![density {a}](density_{a}.png)" for a in archs)
+  browsers = "".join(f"\nFeature browser of the {a} SAE above (held-out activations, opens from "
+                     f"disk): [{path}]({path})\n" for a, path in summary["feature_browsers"].items())
   text = f"""# {', '.join(archs)} SAEs on {summary['model']} `{summary['site']}`
 
 Trained on {summary['train_tokens']:,} activations ({summary['train_steps']} steps), evaluated on
@@ -122,6 +133,7 @@ Each architecture's run nearest that L0 (exported):
 
 Exports: {', '.join(f'`{v}`' for v in summary['exported'].values())} (`sae.npz` + `sae.json`, and
 `saelens/` with the normalisation folded in, where SAELens has the architecture).
+{browsers}
 """
   with open(os.path.join(out, "report.md"), "w") as f:
     f.write(text)

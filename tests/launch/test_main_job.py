@@ -38,7 +38,7 @@ def main_job(tiny_lm, tmp_path_factory):
 
 def test_main_job_writes_report_exports_and_plots(main_job):
   out, stdout = main_job
-  for stage in ("load LM", "harvest", "train + evaluate", "export", "done in"):
+  for stage in ("load LM", "harvest", "train + evaluate", "export", "feature browser", "done in"):
     assert f"== {stage}" in stdout
   summary = json.loads((out / "summary.json").read_text())
   g, b = summary["gated"], summary["baseline"]
@@ -62,7 +62,11 @@ def test_main_job_writes_report_exports_and_plots(main_job):
                "sweep/report.md", "sweep/pareto_l0_loss_recovered.png", "sweep/pareto_l0_fvu.png",
                "sweep/gamma.png"):
     assert (out / name).stat().st_size > 0, name
-  assert "At equal L0" in (out / "report.md").read_text()
+  report_text = (out / "report.md").read_text()
+  assert "At equal L0" in report_text
+  assert summary["feature_browsers"] == {"gated": "features/gated/index.html"}
+  assert "features/gated/index.html" in report_text
+  assert (out / "features" / "gated" / "feature_63.html").stat().st_size > 0
   params, meta, _ = export.load_npz(str(out / "export" / "gated" / "sae.npz"))
   assert params["W_dec"].shape == (64, 32) and meta["site"] == "blocks.1.resid_post"
   cfg = json.loads((out / "export" / "baseline" / "saelens" / "cfg.json").read_text())
