@@ -40,6 +40,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.grids.jumprelu = (0.03, 0.3, 3.0)
   c.grids.topk = (8, 20, 50)
 
+  # Equal-L0 mode (gsae_jax/runs/target_l0.py): non-empty targets replace each grid by the
+  # coefficients whose L0 is within `tolerance` of each target, searched from the grid above
+  # (k is the L0 itself: no search); the report compares the architectures at these L0s.
+  c.target_l0 = ml_collections.ConfigDict()
+  c.target_l0.targets = ()            # e.g. (8, 16, 32): inside every grid's L0 range above
+  c.target_l0.tolerance = 0.1         # relative
+  c.target_l0.search_steps = 0        # 0: full-length runs (a shorter, compressed schedule
+                                      # ends at other L0s: see BUILD_NOTES)
+  c.target_l0.rounds = 3              # refinements after the grid: one member per unmet target
+  c.target_l0.measure_tokens = 32_768  # L0 measured on the stream's next activations
+  c.target_l0.ratio = ("gated", "baseline")  # headline: baseline L0 for Gated's loss recovered
+
   c.eval = ml_collections.ConfigDict()
   c.eval.shards_path = ""             # held-out activations ('' = skip activation metrics)
   c.eval.max_tokens = 65_536

@@ -216,3 +216,20 @@ def _validate_shards(data) -> None:
   check_int(data.prefetch, "data.prefetch", 0)
   _check(isinstance(data.verify_checksums, bool), "data.verify_checksums", "True or False",
          data.verify_checksums)
+
+
+def validate_target_l0(block) -> None:
+  """A sweep's `target_l0` block (`gsae_jax/runs/target_l0.py`): target L0s > 0, a relative
+  tolerance in (0, 1), search steps (0: the full schedule), refinement rounds, measured tokens,
+  and `ratio`: () or the (reference, baseline) architectures of the headline L0 ratio."""
+  targets = tuple(block.targets)
+  _check(all(is_real(t) and math.isfinite(t) and t > 0 for t in targets), "target_l0.targets",
+         "finite numbers > 0 (L0s)", targets)
+  _check(is_real(block.tolerance) and 0 < block.tolerance < 1, "target_l0.tolerance",
+         "a relative tolerance in (0, 1)", block.tolerance)
+  check_int(block.search_steps, "target_l0.search_steps", 0, " (0: train.steps)")
+  check_int(block.rounds, "target_l0.rounds", 0)
+  check_int(block.measure_tokens, "target_l0.measure_tokens", 1)
+  ratio = tuple(block.get("ratio", ()) or ())
+  _check(not ratio or len(ratio) == 2 and all(a in registry.names() for a in ratio),
+         "target_l0.ratio", f"() or two of {registry.names()} (reference, baseline)", ratio)

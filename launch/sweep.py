@@ -8,6 +8,12 @@ or of `config.grid_coefficients.<architecture>`) in one data pass (`config.train
 `jax.vmap` over the grid inside one jitted step), in `DIR/<architecture>/`. Every member is then
 evaluated on held-out activations and, with `eval.loss_recovered`, in the LM. Writes
 `DIR/results.json`, `DIR/report.md` and the PNG plots.
+
+Equal-L0 mode, `--config.target_l0.targets=(8,16,32)`: each grid is first the start of a search
+(`DIR/target_l0/<architecture>/round_<r>`, `search.json`) for the coefficient within
+`target_l0.tolerance` of each target L0, and then trained at those coefficients; the report
+states each architecture's loss recovered and FVU at every target, and the L0 the baseline needs
+to reach Gated's loss recovered (`target_l0.ratio`).
 """
 
 from __future__ import annotations

@@ -58,3 +58,78 @@ def compare_at_equal_l0(runs: Sequence[dict], keys: Sequence[str]) -> dict:
                     if target else None)
     out[arch] = entry
   return {"l0": target, "anchor_l0": anchor, "architectures": out}
+
+
+def l0_for_metric(points: Sequence[tuple[float, float]], value: float) -> float | None:
+  """The smallest L0 at which the piecewise-linear curve (in log L0) through (L0, metric) points
+  reaches `value`: the frontier inverted. None when no segment reaches it (no extrapolation)."""
+  pts = sorted((a, b) for a, b in points if a > 0 and b is not None and np.isfinite(b))
+  if len(pts) == 1:
+    return pts[0][0] if pts[0][1] == value else None
+  for (l0_a, m_a), (l0_b, m_b) in zip(pts, pts[1:]):
+    if min(m_a, m_b) <= value <= max(m_a, m_b):
+      if m_a == m_b:
+        return l0_a
+      t = (value - m_a) / (m_b - m_a)
+      return math.exp(math.log(l0_a) + t * (math.log(l0_b) - math.log(l0_a)))
+  return None
+
+
+def compare_at_targets(runs: Sequence[dict], targets: Sequence[float], keys: Sequence[str],
+                       ratio: tuple[str, str] | None = None,
+                       ratio_key: str = "ce_loss_score") -> list[dict]:
+  """At each target L0: {'l0': target, 'architectures': {arch: {key: value or None}},
+  'baseline_l0': ..., 'baseline_l0_ratio': ...}.
+
+  Each architecture's `keys` are interpolated on its frontier in log L0 (None outside it).
+  `ratio` = (reference, baseline) gives the Gated paper's headline ratio: the L0 at which the
+  baseline's frontier reaches the reference's `ratio_key` at the target, and that L0 over the
+  target; None when either is unknown (outside a frontier, or no such architectures).
+  """
+  reference, baseline = ratio or (None, None)
+  by_arch: dict[str, list[dict]] = {}
+  for r in runs:
+    if r.get("l0", 0) > 0:
+      by_arch.setdefault(r["architecture"], []).append(r)
+  curve = lambda arch, key: [(r["l0"], r.get(key)) for r in by_arch.get(arch, ())]
+  out = []
+  for target in targets:
+    values = {arch: {key: interpolate_at_l0(curve(arch, key), target) for key in keys}
+              for arch in by_arch}
+    reached = interpolate_at_l0(curve(reference, ratio_key), target)
+    needed = l0_for_metric(curve(baseline, ratio_key), reached) if reached is not None else None
+    out.append({"l0": target, "architectures": values, "baseline_l0": needed,
+                "baseline_l0_ratio": needed / target if needed else None})
+  return out
+
+
+def next_coefficients(points: Sequence[tuple[float, float]], targets: Sequence[float],
+                      max_step: float = 8.0) -> list[float]:
+  """One search step for coefficients whose L0 falls as they grow (L1, L0 penalties): from
+  measured (coefficient, L0) points, the coefficient expected to give each target L0.
+
+  log L0 is taken piecewise-linear in log coefficient (secant on the bracketing pair of
+  neighbours). A target outside the measured L0s is extrapolated along the end segment's slope,
+  at most a factor `max_step` past the end point; a flat or rising end segment (noise, or every
+  feature dead) steps by that factor in the direction that lowers or raises L0.
+  """
+  pts = sorted((c, l0) for c, l0 in points if c > 0)
+  if not pts:
+    raise ValueError("next_coefficients: no measured point with a coefficient > 0")
+  logs = [(math.log(c), math.log(max(l0, 1e-3))) for c, l0 in pts]  # a dead SAE: L0 ~ 0
+  out = []
+  for target in targets:
+    y = math.log(target)
+    bracket = [(a, b) for a, b in zip(logs, logs[1:]) if min(a[1], b[1]) <= y <= max(a[1], b[1])]
+    if bracket:
+      (xa, ya), (xb, yb) = min(bracket, key=lambda ab: ab[1][0] - ab[0][0])
+      out.append(math.exp(xa if ya == yb else xa + (y - ya) * (xb - xa) / (yb - ya)))
+      continue
+    # No bracket: a target above the L0s lies below the smallest coefficient, one below them
+    # past the largest; extrapolate along that end's segment.
+    low = y > logs[0][1]
+    end, other = (logs[0], logs[1 % len(logs)]) if low else (logs[-1], logs[-2 % len(logs)])
+    slope = (end[1] - other[1]) / (end[0] - other[0]) if end[0] != other[0] else 0.0
+    step = (y - end[1]) / slope if slope < 0 else (-math.inf if low else math.inf)
+    out.append(math.exp(end[0] + max(-math.log(max_step), min(math.log(max_step), step))))
+  return out

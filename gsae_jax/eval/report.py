@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gsae_jax.eval import frontier  # noqa: E402
 from gsae_jax.sae import registry  # noqa: E402
 
 COLUMNS = (("architecture", "arch", "{}"), ("label", "coefficients", "{}"),
@@ -35,6 +36,29 @@ def markdown_table(runs: Sequence[dict]) -> str:
   rows = ["| " + " | ".join(fmt.format(r[key]) if r.get(key) is not None else "-"
                             for key, _, fmt in COLUMNS) + " |" for r in runs]
   return "\n".join([head, rule, *rows])
+
+
+AT_TARGETS = (("ce_loss_score", "loss recovered"), ("fvu", "FVU"))
+
+
+def target_l0_section(runs: Sequence[dict], targets: Sequence[float],
+                      ratio: tuple[str, str] | None = None) -> str:
+  """At each target L0, each architecture's loss recovered and FVU interpolated on its frontier
+  (linear in log L0; '-' outside it); with `ratio` = (reference, baseline), the Gated paper's
+  headline: the L0 the baseline needs to reach the reference's loss recovered there."""
+  rows, needs = [], []
+  for t in frontier.compare_at_targets(runs, targets, [k for k, _ in AT_TARGETS], ratio):
+    for arch, values in t["architectures"].items():
+      cells = ["-" if values[k] is None else f"{values[k]:.4f}" for k, _ in AT_TARGETS]
+      rows.append(f"| {t['l0']:g} | {arch} | " + " | ".join(cells) + " |")
+    needs.append(f"at L0 {t['l0']:g}: " + ("outside the frontiers" if t["baseline_l0"] is None
+                 else f"{t['baseline_l0']:.1f} ({t['baseline_l0_ratio']:.2f}x)"))
+  head = "| target L0 | arch | " + " | ".join(title for _, title in AT_TARGETS) + " |"
+  text = "\n".join([head, "|" + "---|" * (2 + len(AT_TARGETS)), *rows])
+  if ratio:
+    text += (f"\n\nL0 {ratio[1]} needs to reach {ratio[0]}'s loss recovered (and its ratio to "
+             f"the target): {'; '.join(needs)}.")
+  return text
 
 
 def _by_arch(runs):
@@ -76,8 +100,10 @@ def density_histogram(log10_density: np.ndarray, path: str, title: str) -> None:
 
 
 def write_sweep_report(runs: Sequence[dict], out_dir: str, title: str,
-                       preface: str = "") -> list[str]:
-  """report.md + pareto PNGs in `out_dir`; returns the written paths."""
+                       preface: str = "", targets: Sequence[float] = (),
+                       ratio: tuple[str, str] | None = None) -> list[str]:
+  """report.md + pareto PNGs in `out_dir` (with `targets`, a section at those L0s: see
+  `target_l0_section`); returns the written paths."""
   os.makedirs(out_dir, exist_ok=True)
   paths = []
   plots = [("ce_loss_score", "loss recovered", "pareto_l0_loss_recovered.png"),
@@ -88,7 +114,10 @@ def write_sweep_report(runs: Sequence[dict], out_dir: str, title: str,
       pareto_plot(runs, key, label, os.path.join(out_dir, name))
       paths.append(os.path.join(out_dir, name))
   images = "\n".join(f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in paths)
-  report = f"# {title}\n\n{preface}\n\n## Runs\n\n{markdown_table(runs)}\n\n## Plots\n\n{images}\n"
+  at_targets = (f"## At target L0s\n\n{target_l0_section(runs, targets, ratio)}\n\n"
+                if targets and any(r.get("l0") for r in runs) else "")
+  report = (f"# {title}\n\n{preface}\n\n{at_targets}## Runs\n\n{markdown_table(runs)}\n\n"
+            f"## Plots\n\n{images}\n")
   path = os.path.join(out_dir, "report.md")
   with open(path, "w") as f:
     f.write(report)

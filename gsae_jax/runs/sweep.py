@@ -9,11 +9,8 @@ import time
 from gsae_jax import configs, sharding
 from gsae_jax.errors import ConfigError
 from gsae_jax.eval import report
-from gsae_jax.runs import evaluation, harvesting, training
-
-
-class Preempted(Exception):
-  """A training run stopped on a signal; re-running the same command resumes it."""
+from gsae_jax.runs import evaluation, harvesting, target_l0, training
+from gsae_jax.runs.target_l0 import Preempted  # launch.common catches it as sweep.Preempted
 
 
 def coefficient_label(coefficients: dict) -> str:
@@ -42,11 +39,34 @@ def grid_configs(c) -> list[tuple[str, object]]:
   return out
 
 
+def targeted(c, out_dir: str, grids: list[tuple[str, object]]) -> list[tuple[str, object]]:
+  """With `c.target_l0.targets`, each grid's values replaced by the coefficients the target-L0
+  search found (one member per target; the configured grid is the search's first round)."""
+  block = c.get("target_l0")
+  if not block or not block.targets:
+    return grids
+  configs.validate_target_l0(block)
+  out, found = [], {}
+  for arch, tc in grids:
+    s = target_l0.search(tc, block.targets, block.tolerance, block.search_steps, block.rounds,
+                         block.measure_tokens, os.path.join(out_dir, "target_l0", arch),
+                         c.get("eval", {}).get("shards_path") or None)
+    tc = tc.copy_and_resolve_references()
+    tc.sweep.grid = s.chosen
+    out.append((arch, tc))
+    found[arch] = s.to_json()
+  os.makedirs(os.path.join(out_dir, "target_l0"), exist_ok=True)  # k alone trains no round
+  with open(os.path.join(out_dir, "target_l0", "search.json"), "w") as f:
+    json.dump(found, f, indent=2)
+  return out
+
+
 def train_grids(c, out_dir: str) -> tuple[list[dict], object]:
   """Trains every architecture's grid (values of its first coefficient, or of
-  `c.grid_coefficients.<arch>`); returns (runs with spec and params, the last training source)."""
+  `c.grid_coefficients.<arch>`, or those found for `c.target_l0.targets`); returns (runs with
+  spec and params, the last training source)."""
   runs, source = [], None
-  for arch, tc in grid_configs(c):
+  for arch, tc in targeted(c, out_dir, grid_configs(c)):
     print(f"== training {arch} over {tc.sweep.coefficient or 'its first coefficient'} "
           f"{tuple(tc.sweep.grid)}", flush=True)
     result = training.run(tc, os.path.join(out_dir, arch))
@@ -84,7 +104,10 @@ def run_sweep(c, out_dir: str, lm_and_tokenizer=None) -> list[dict]:
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump([evaluation.public(r) for r in runs], f, indent=2)
   timing = f"training {t_train:.0f} s, evaluation {time.perf_counter() - t1:.0f} s"
+  block = c.get("target_l0")
   report.write_sweep_report(runs, out_dir, "Coefficient sweep",
-                            f"Site `{described.get('site')}`; {timing}.")
+                            f"Site `{described.get('site')}`; {timing}.",
+                            tuple(block.targets) if block else (),
+                            tuple(block.ratio) if block and block.ratio else None)
   print(f"== sweep done: {timing}; report in {out_dir}/report.md", flush=True)
   return runs
