@@ -19,4 +19,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.heldout_tokens = 32_768
   c.epochs = 2                        # passes over the training tokens (sets train.steps)
   c.sweep = sweep_gemma3_270m.get_config()
+  # Every architecture at the same four L0s (target-L0 search), inside all grids' L0 ranges.
+  c.sweep.target_l0.targets = (8, 13, 20, 32)
   return c

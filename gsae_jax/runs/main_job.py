@@ -79,17 +79,22 @@ def run_main(c, out: str) -> dict:
              "matched": {"l0": matched["l0"], "anchor_l0": matched["anchor_l0"], "interpolated": {
                  arch: {k: e[k] for k in COMPARED} for arch, e in matched["architectures"].items()}},
              "exported": exported, "feature_browsers": browsers,
+             "at_targets": frontier.compare_at_targets(
+                 runs, tuple(s.target_l0.targets), COMPARED, tuple(s.target_l0.ratio) or None),
              "timings_s": timings, "train_tokens": manifest["token_count"],
              "heldout_tokens": held_manifest["token_count"], "site": manifest["site"],
              "model": manifest["model_id"], "train_steps": s.train.train.steps}
   with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
-  _write_report(out, summary, runs)
+  targets = (report.target_l0_section(runs, tuple(s.target_l0.targets),
+                                      tuple(s.target_l0.ratio) or None)
+             if s.target_l0.targets else "")
+  _write_report(out, summary, runs, targets)
   print(f"== done in {timings['total']:.0f} s; report: {out}/report.md", flush=True)
   return summary
 
 
-def _write_report(out: str, summary: dict, runs: list[dict]) -> None:
+def _write_report(out: str, summary: dict, runs: list[dict], at_targets: str) -> None:
   archs = list(summary["exported"])
   nearest = [summary[a] for a in archs]
   times = ", ".join(f"{k} {v:.0f} s" for k, v in summary["timings_s"].items())
@@ -114,6 +119,11 @@ Trained on {summary['train_tokens']:,} activations ({summary['train_steps']} ste
 excluded). Timings: {times}.
 
 ## At equal L0
+
+{at_targets and "Each architecture trained at the coefficients the target-L0 search found "
+ "(`sweep/target_l0/search.json`), its frontier interpolated in log L0 at each target:"}
+
+{at_targets}
 
 {at_l0}
 

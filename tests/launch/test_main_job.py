@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import sweep_gemma3_270m
+from experiments import gemma3_270m
 from gsae_jax import export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -48,8 +48,12 @@ def test_main_job_writes_report_exports_and_plots(main_job):
                 "dead_fraction", "dense_fraction"):
       assert np.isfinite(run[key]), key
   results = json.loads((out / "sweep" / "results.json").read_text())
-  grids = sweep_gemma3_270m.get_config().grids
-  assert len(results) == sum(len(g) for g in grids.values())
+  config = gemma3_270m.get_config()
+  grids, targets = config.sweep.grids, config.sweep.target_l0.targets
+  assert len(targets) >= 4  # the issue: at least 4 points per architecture
+  assert len(results) == len(targets) * len(grids)  # one member per target L0
+  assert [t["l0"] for t in summary["at_targets"]] == list(targets)
+  assert set(summary["at_targets"][0]["architectures"]) == set(grids)
   assert {r["architecture"] for r in results} == set(grids) == set(summary["exported"])
   # each exported run is its architecture's nearest (in log L0) to the comparison L0 (the shared
   # L0, or without an overlap of the L0 ranges the geometric mean of all L0s)
@@ -63,7 +67,7 @@ def test_main_job_writes_report_exports_and_plots(main_job):
                "sweep/gamma.png"):
     assert (out / name).stat().st_size > 0, name
   report_text = (out / "report.md").read_text()
-  assert "At equal L0" in report_text
+  assert "At equal L0" in report_text and "| target L0 | arch |" in report_text
   assert summary["feature_browsers"] == {"gated": "features/gated/index.html"}
   assert "features/gated/index.html" in report_text
   assert (out / "features" / "gated" / "feature_63.html").stat().st_size > 0
@@ -83,9 +87,11 @@ def test_evaluate_cli_on_a_sweep_workdir(main_job, tiny_lm):
   proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
   evals = json.loads((out / "sweep" / "gated" / "eval.json").read_text())
-  assert [e["coefficients"]["l1"] for e in evals] == list(sweep_gemma3_270m.get_config().grids.gated)
-  swept = {r["coefficients"]["l1"]: r for r in json.loads((out / "sweep" / "results.json").read_text())
-           if r["architecture"] == "gated"}
+  gated = [r for r in json.loads((out / "sweep" / "results.json").read_text())
+           if r["architecture"] == "gated"]
+  # the searched grid (two targets the tiny SAE cannot reach may share a coefficient)
+  assert sorted(e["coefficients"]["l1"] for e in evals) == sorted(r["coefficients"]["l1"] for r in gated)
+  swept = {r["coefficients"]["l1"]: r for r in gated}
   for e in evals:  # the same SAEs and held-out data give the same numbers as the sweep's
     l1 = e["coefficients"]["l1"]
     np.testing.assert_allclose(e["l0"], swept[l1]["l0"], rtol=1e-5)
