@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 DENSE_THRESHOLD = 0.1
 
@@ -107,6 +108,21 @@ def mean_max_cosine(w_dec: jax.Array, true_directions: jax.Array) -> jax.Array:
   a = w_dec / jnp.linalg.norm(w_dec, axis=-1, keepdims=True)
   b = true_directions / jnp.linalg.norm(true_directions, axis=-1, keepdims=True)
   return jnp.mean(jnp.max(b @ a.T, axis=-1))
+
+
+def max_cosine_to_others(w: np.ndarray, chunk: int = 1024) -> np.ndarray:
+  """[features]: each row of `w` [features, d]'s largest cosine similarity with any other row
+  (SAEBench's `calculate_max_cosine_sim`), in chunks of rows: never a [features, features]
+  matrix."""
+  unit = np.asarray(w, np.float64)
+  unit = unit / np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-30)
+  out = np.empty(len(unit))
+  for lo in range(0, len(unit), chunk):
+    sims = unit[lo:lo + chunk] @ unit.T
+    rows = np.arange(sims.shape[0])
+    sims[rows, lo + rows] = -np.inf  # not with itself
+    out[lo:lo + chunk] = sims.max(axis=1)
+  return out
 
 
 def log10_feature_density(fire_counts: jax.Array, tokens: jax.Array) -> jax.Array:

@@ -16,6 +16,7 @@ import numpy as np
 
 import gsae_jax
 from gsae_jax import export
+from gsae_jax.eval.metrics import max_cosine_to_others
 from gsae_jax.sae.spec import SAESpec
 
 SAEBENCH_VERSION = "0.6.0"  # the release whose field names METRIC_GROUPS copies
@@ -79,16 +80,32 @@ def sae_cfg_dict(spec: SAESpec, source: Mapping[str, Any]) -> dict[str, Any]:
                        "gsae_jax_architecture_config": spec.block.to_dict()}}
 
 
+def weight_metrics(params: Mapping[str, Any], spec: SAESpec) -> dict[str, float]:
+  """SAEBench's weight-based `misc_metrics`: the mean over features of each feature's largest
+  cosine similarity with another feature, of the encoder and of the decoder directions, on the
+  weights SAELens would hold (`to_saelens`: e.g. a Gated SAE's W_enc is its W_gate). Cosines do
+  not depend on the normalisation scale."""
+  try:
+    tensors, _ = spec.architecture.to_saelens(
+        {k: np.asarray(v, np.float32) for k, v in params.items()}, spec.block)
+  except ValueError:  # no SAELens layout (an untied Gated SAE): left null
+    return {}
+  return {"average_max_encoder_cosine_sim": float(max_cosine_to_others(tensors["W_enc"].T).mean()),
+          "average_max_decoder_cosine_sim": float(max_cosine_to_others(tensors["W_dec"]).mean())}
+
+
 def core_eval_output(run: Mapping[str, Any], spec: SAESpec, source: Mapping[str, Any],
                      scale: float, eval_config: Mapping[str, Any],
                      now_ms: int | None = None) -> dict[str, Any]:
   """SAEBench's `CoreEvalOutput` of one evaluated run (a dict `evaluation.evaluate_runs` filled;
-  its activation metrics are in normalised units, `scale` converts them back).
+  its activation metrics are in normalised units, `scale` converts them back; with its
+  `params`, the weight-based metrics too).
 
   `eval_config` holds the CoreEvalConfig fields we know (model_name, batch_size_prompts, ...);
   the compute_* switches say which groups we filled.
   """
-  ours = {**run, **(density_metrics(run["log10_density"]) if "log10_density" in run else {})}
+  ours = {**run, **(density_metrics(run["log10_density"]) if "log10_density" in run else {}),
+          **(weight_metrics(run["params"], spec) if "params" in run else {})}
   metrics = {}
   for group, names in METRIC_GROUPS.items():
     metrics[group] = {}

@@ -36,8 +36,7 @@ METRICS = {
                      "average_max_encoder_cosine_sim", "average_max_decoder_cosine_sim",
                      "frac_alive"],
 }
-NOT_COMPUTED = {("misc_metrics", "average_max_encoder_cosine_sim"),
-                ("misc_metrics", "average_max_decoder_cosine_sim")}
+NOT_COMPUTED: set = set()  # every field is filled for an SAE SAELens can hold
 SOURCE = {"model_id": "fake/lm", "site": "blocks.1.resid_post", "context_length": 32}
 SCALE = 2.0
 
@@ -51,8 +50,9 @@ def _run() -> tuple[dict, object]:
   lm = {"ce_loss_score": 0.8, "ce_loss_with_sae": 3.2, "ce_loss_without_sae": 3.0,
         "ce_loss_with_ablation": 4.0, "delta_lm_loss": 0.2, "kl_div_score": 0.9,
         "kl_div_with_sae": 0.1, "kl_div_with_ablation": 1.0, "lm_tokens": 124}
+  params = jax.tree.map(np.asarray, spec.init_params())
   return {"name": "gated_0", "step": 5, "coefficients": {"l1": 1.0}, **metrics, **lm,
-          "log10_density": density}, spec
+          "log10_density": density, "params": params}, spec
 
 
 def _output() -> tuple[dict, dict]:
@@ -127,3 +127,20 @@ def test_saebench_pydantic_model_accepts_the_file():
     out["eval_result_metrics"][group][name] = 0.0
   parsed = TypeAdapter(eval_output.CoreEvalOutput).validate_python(out)
   assert parsed.eval_result_metrics.model_behavior_preservation.kl_div_score == 0.9
+
+
+def test_weight_metrics_are_saebench_max_cosine_on_the_saelens_weights():
+  out, run = _output()
+  misc = out["eval_result_metrics"]["misc_metrics"]
+  w_gate, w_dec = run["params"]["W_gate"], run["params"]["W_dec"]  # SAELens' Gated W_enc, W_dec
+
+  def brute(rows):  # every pair, the feature itself excluded
+    unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    sims = unit @ unit.T
+    np.fill_diagonal(sims, -np.inf)
+    return sims.max(axis=1).mean()
+
+  np.testing.assert_allclose(misc["average_max_encoder_cosine_sim"], brute(w_gate.T), rtol=1e-5)
+  np.testing.assert_allclose(misc["average_max_decoder_cosine_sim"], brute(w_dec), rtol=1e-5)
+  from gsae_jax.eval.metrics import max_cosine_to_others
+  np.testing.assert_allclose(max_cosine_to_others(w_dec, chunk=3).mean(), brute(w_dec), rtol=1e-6)
