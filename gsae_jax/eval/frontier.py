@@ -10,12 +10,20 @@ from typing import Iterable, Sequence
 import numpy as np
 
 
-def interpolate_at_l0(points: Sequence[tuple[float, float]], l0: float) -> float | None:
+def interpolate_at_l0(points: Sequence[tuple[float, float]], l0: float,
+                      tolerance: float = 0.0) -> float | None:
   """The metric at `l0` on the piecewise-linear curve through (L0, metric) points, in log L0.
 
   None when `l0` lies outside the points' L0 range (no extrapolation) or no point is usable.
+  With `tolerance`, an `l0` within that relative distance beyond an end takes the end's value:
+  a target-L0 search promises its runs only within tolerance of each target, so a frontier whose
+  top run landed at 30.1 for target 32 still answers at 32.
   """
   pts = sorted((a, b) for a, b in points if a > 0 and b is not None and np.isfinite(b))
+  if pts and pts[-1][0] < l0 <= pts[-1][0] * (1 + tolerance):
+    l0 = pts[-1][0]
+  if pts and pts[0][0] * (1 - tolerance) <= l0 < pts[0][0]:
+    l0 = pts[0][0]
   if not pts or not pts[0][0] <= l0 <= pts[-1][0]:
     return None
   xs = np.log([a for a, _ in pts])
@@ -77,12 +85,12 @@ def l0_for_metric(points: Sequence[tuple[float, float]], value: float) -> float 
 
 def compare_at_targets(runs: Sequence[dict], targets: Sequence[float], keys: Sequence[str],
                        ratio: tuple[str, str] | None = None,
-                       ratio_key: str = "ce_loss_score") -> list[dict]:
+                       ratio_key: str = "ce_loss_score", tolerance: float = 0.0) -> list[dict]:
   """At each target L0: {'l0': target, 'architectures': {arch: {key: value or None}},
   'baseline_l0': ..., 'baseline_l0_ratio': ...}.
 
-  Each architecture's `keys` are interpolated on its frontier in log L0 (None outside it).
-  `ratio` = (reference, baseline) gives the Gated paper's headline ratio: the L0 at which the
+  Each architecture's `keys` are interpolated on its frontier in log L0 (None outside it, beyond
+  `tolerance`: see `interpolate_at_l0`). `ratio` = (reference, baseline) gives the Gated paper's headline ratio: the L0 at which the
   baseline's frontier reaches the reference's `ratio_key` at the target, and that L0 over the
   target; None when either is unknown (outside a frontier, or no such architectures).
   """
@@ -94,9 +102,9 @@ def compare_at_targets(runs: Sequence[dict], targets: Sequence[float], keys: Seq
   curve = lambda arch, key: [(r["l0"], r.get(key)) for r in by_arch.get(arch, ())]
   out = []
   for target in targets:
-    values = {arch: {key: interpolate_at_l0(curve(arch, key), target) for key in keys}
+    values = {arch: {key: interpolate_at_l0(curve(arch, key), target, tolerance) for key in keys}
               for arch in by_arch}
-    reached = interpolate_at_l0(curve(reference, ratio_key), target)
+    reached = interpolate_at_l0(curve(reference, ratio_key), target, tolerance)
     needed = l0_for_metric(curve(baseline, ratio_key), reached) if reached is not None else None
     out.append({"l0": target, "architectures": values, "baseline_l0": needed,
                 "baseline_l0_ratio": needed / target if needed else None})

@@ -42,12 +42,13 @@ AT_TARGETS = (("ce_loss_score", "loss recovered"), ("fvu", "FVU"))
 
 
 def target_l0_section(runs: Sequence[dict], targets: Sequence[float],
-                      ratio: tuple[str, str] | None = None) -> str:
+                      ratio: tuple[str, str] | None = None, tolerance: float = 0.0) -> str:
   """At each target L0, each architecture's loss recovered and FVU interpolated on its frontier
   (linear in log L0; '-' outside it); with `ratio` = (reference, baseline), the Gated paper's
   headline: the L0 the baseline needs to reach the reference's loss recovered there."""
   rows, needs = [], []
-  for t in frontier.compare_at_targets(runs, targets, [k for k, _ in AT_TARGETS], ratio):
+  for t in frontier.compare_at_targets(runs, targets, [k for k, _ in AT_TARGETS], ratio,
+                                       tolerance=tolerance):
     for arch, values in t["architectures"].items():
       cells = ["-" if values[k] is None else f"{values[k]:.4f}" for k, _ in AT_TARGETS]
       rows.append(f"| {t['l0']:g} | {arch} | " + " | ".join(cells) + " |")
@@ -101,7 +102,7 @@ def density_histogram(log10_density: np.ndarray, path: str, title: str) -> None:
 
 def write_sweep_report(runs: Sequence[dict], out_dir: str, title: str,
                        preface: str = "", targets: Sequence[float] = (),
-                       ratio: tuple[str, str] | None = None) -> list[str]:
+                       ratio: tuple[str, str] | None = None, tolerance: float = 0.0) -> list[str]:
   """report.md + pareto PNGs in `out_dir` (with `targets`, a section at those L0s: see
   `target_l0_section`); returns the written paths."""
   os.makedirs(out_dir, exist_ok=True)
@@ -114,7 +115,7 @@ def write_sweep_report(runs: Sequence[dict], out_dir: str, title: str,
       pareto_plot(runs, key, label, os.path.join(out_dir, name))
       paths.append(os.path.join(out_dir, name))
   images = "\n".join(f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in paths)
-  at_targets = (f"## At target L0s\n\n{target_l0_section(runs, targets, ratio)}\n\n"
+  at_targets = (f"## At target L0s\n\n{target_l0_section(runs, targets, ratio, tolerance)}\n\n"
                 if targets and any(r.get("l0") for r in runs) else "")
   report = (f"# {title}\n\n{preface}\n\n{at_targets}## Runs\n\n{markdown_table(runs)}\n\n"
             f"## Plots\n\n{images}\n")

@@ -80,14 +80,15 @@ def run_main(c, out: str) -> dict:
                  arch: {k: e[k] for k in COMPARED} for arch, e in matched["architectures"].items()}},
              "exported": exported, "feature_browsers": browsers,
              "at_targets": frontier.compare_at_targets(
-                 runs, tuple(s.target_l0.targets), COMPARED, tuple(s.target_l0.ratio) or None),
+                 runs, tuple(s.target_l0.targets), COMPARED, tuple(s.target_l0.ratio) or None,
+                 tolerance=s.target_l0.tolerance),
              "timings_s": timings, "train_tokens": manifest["token_count"],
              "heldout_tokens": held_manifest["token_count"], "site": manifest["site"],
              "model": manifest["model_id"], "train_steps": s.train.train.steps}
   with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   targets = (report.target_l0_section(runs, tuple(s.target_l0.targets),
-                                      tuple(s.target_l0.ratio) or None)
+                                      tuple(s.target_l0.ratio) or None, s.target_l0.tolerance)
              if s.target_l0.targets else "")
   _write_report(out, summary, runs, targets)
   print(f"== done in {timings['total']:.0f} s; report: {out}/report.md", flush=True)

@@ -108,6 +108,7 @@ def run_sweep(c, out_dir: str, lm_and_tokenizer=None) -> list[dict]:
   report.write_sweep_report(runs, out_dir, "Coefficient sweep",
                             f"Site `{described.get('site')}`; {timing}.",
                             tuple(block.targets) if block else (),
-                            tuple(block.ratio) if block and block.ratio else None)
+                            tuple(block.ratio) if block and block.ratio else None,
+                            block.tolerance if block else 0.0)
   print(f"== sweep done: {timing}; report in {out_dir}/report.md", flush=True)
   return runs

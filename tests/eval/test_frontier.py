@@ -14,6 +14,10 @@ def test_interpolation_is_linear_in_log_l0():
   assert frontier.interpolate_at_l0(list(reversed(pts)), 16.0) == pytest.approx(0.9)
   assert frontier.interpolate_at_l0(pts, 2.0) is None and frontier.interpolate_at_l0(pts, 20.0) is None
   assert frontier.interpolate_at_l0([(4.0, None), (8.0, float("nan"))], 5.0) is None
+  # within a search's tolerance beyond an end: the end's value; farther: still None
+  assert frontier.interpolate_at_l0(pts, 17.5, tolerance=0.1) == pytest.approx(0.9)
+  assert frontier.interpolate_at_l0(pts, 3.7, tolerance=0.1) == pytest.approx(0.5)
+  assert frontier.interpolate_at_l0(pts, 17.7, tolerance=0.1) is None
 
 
 def test_shared_l0_is_the_middle_of_the_common_range():
