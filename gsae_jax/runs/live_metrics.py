@@ -22,8 +22,16 @@ class LiveMetrics:
   so that one process of a multi-host run writes the files."""
 
   def __init__(self, workdir: str, enabled: bool = True):
-    self._writer = (SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR), flush_secs=30)
-                    if enabled else None)
+    self._folder, self._enabled = os.path.join(workdir, TENSORBOARD_DIR), enabled
+    self._created: SummaryWriter | None = None
+
+  @property
+  def _writer(self) -> SummaryWriter | None:
+    """Created at the first write: a run refused before its first metrics (a damaged checkpoint)
+    leaves no event file in the workdir."""
+    if self._enabled and self._created is None:
+      self._created = SummaryWriter(self._folder, flush_secs=30)
+    return self._created
 
   def scalars(self, step: int, metrics: Mapping[str, Any], prefix: str) -> None:
     """Each number as `<prefix>/<name>`; a list (one value per sweep member) as
@@ -60,8 +68,8 @@ class LiveMetrics:
     self._writer.flush()
 
   def close(self) -> None:
-    if self._writer is not None:
-      self._writer.close()
+    if self._created is not None:
+      self._created.close()
 
   def __enter__(self) -> "LiveMetrics":
     return self
