@@ -21,4 +21,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.sweep = sweep_gemma3_270m.get_config()
   # Every architecture at the same four L0s (target-L0 search), inside all grids' L0 ranges.
   c.sweep.target_l0.targets = (8, 13, 20, 32)
+  c.feature_browsers = ("gated",)     # architectures whose matched SAE gets a feature browser
   return c

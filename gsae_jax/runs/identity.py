@@ -81,7 +81,6 @@ def changes(workdir: str, identity: dict, allowed: Sequence[str] = (),
   if recorded is None:
     if earlier is None:
       return {}
-    recorded = earlier
     identity = {k: v for k, v in identity.items() if k in earlier}
     recorded = {k: v for k, v in earlier.items() if k in identity}
     where = f"{os.path.join(workdir, 'checkpoints')} (an earlier version's run)"

@@ -64,13 +64,16 @@ def run_main(c, out: str) -> dict:
     exported[arch] = folder
   t = _stage("export", t, timings)
   browsers = {}
-  if "gated" in matched["architectures"]:  # the paper's architecture: its features, browsable
-    r = matched["architectures"]["gated"]["nearest"]
+  for arch in c.get("feature_browsers", ()):  # each one's matched SAE, browsable
+    if arch not in matched["architectures"]:
+      continue
+    r = matched["architectures"][arch]["nearest"]
     index = features.write_browser(
-        os.path.join(out, "features", "gated"), r["params"], r["spec"],
+        os.path.join(out, "features", arch), r["params"], r["spec"],
         source["normalisation_scale"], held_h.output_dir, lm_tok[0], lm_tok[1],
-        title=f"gated ({r['label']}) on {source['model_id']} {source['site']}", site=source["site"])
-    browsers["gated"] = os.path.relpath(index, out)
+        title=f"{arch} ({r['label']}) on {source['model_id']} {source['site']}", site=source["site"])
+    browsers[arch] = os.path.relpath(index, out)
+  if browsers:
     t = _stage("feature browser", t, timings)
   timings["total"] = time.perf_counter() - t_start
 
