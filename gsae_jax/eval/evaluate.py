@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gsae_jax.eval import metrics as m
+from gsae_jax.lm.language_model import replaced_nll
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,27 +90,11 @@ def _zeros(act):
   return jnp.zeros_like(act)
 
 
-def _logprobs_and_nll(model, tokens, bos, site, fn, fn_params, with_params):
-  """log p [batch, seq-1, vocab], -log p(target) and the target mask [batch, seq-1] with `site`
-  replaced by fn (site None: clean), exactly as `LanguageModel.loss_with_replacement` does:
-  BOS activations kept, targets equal to BOS not scored."""
-  is_bos = (tokens == bos) if bos is not None else jnp.zeros(tokens.shape, bool)
-
-  def tap(name, t):
-    if name != site:
-      return t
-    new = fn(t, fn_params) if with_params else fn(t)
-    return jnp.where(is_bos[..., None], t, new.astype(t.dtype))
-  logp = jax.nn.log_softmax(model(tokens, tap)[:, :-1], axis=-1)
-  nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-  return logp, nll, ~is_bos[:, 1:]
-
-
 @functools.lru_cache(maxsize=None)
 def _clean_pass(graphdef, bos):
   """jit(params, tokens) -> (CE sum, log p): the clean log-probs stay on device for the KLs."""
   def run(params, tokens):
-    logp, nll, mask = _logprobs_and_nll(nnx.merge(graphdef, params), tokens, bos, None, None,
+    logp, nll, mask = replaced_nll(nnx.merge(graphdef, params), tokens, bos, None, None,
                                         None, False)
     return jnp.sum(jnp.where(mask, nll, 0.0)), logp
   return jax.jit(run)
@@ -120,7 +105,7 @@ def _spliced_pass(graphdef, bos, site, fn, with_params):
   """jit(params, tokens, fn_params, clean_logp) -> (CE sum, KL(clean || spliced) sum): one LM
   forward gives both, so the KL costs no extra pass. Cached per fn: one compilation each."""
   def run(params, tokens, fn_params, clean_logp):
-    logp, nll, mask = _logprobs_and_nll(nnx.merge(graphdef, params), tokens, bos, site, fn,
+    logp, nll, mask = replaced_nll(nnx.merge(graphdef, params), tokens, bos, site, fn,
                                         fn_params, with_params)
     kl = jnp.sum(jnp.exp(clean_logp) * (clean_logp - logp), axis=-1)
     return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(jnp.where(mask, kl, 0.0))

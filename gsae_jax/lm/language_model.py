@@ -31,6 +31,26 @@ def parse_site(site: str, n_layers: int) -> tuple[int, str]:
   return int(m.group(1)), m.group(2)
 
 
+def replaced_nll(model, tokens, bos: int | None, site: str | None, fn, fn_params,
+                 with_params: bool):
+  """(log p [batch, seq-1, vocab], -log p(target) and the target mask [batch, seq-1]) of `model`
+  with `site`'s activation replaced by fn (site None: clean). BOS activations are kept and
+  targets equal to BOS are not scored (`LanguageModel.loss_with_replacement`). Traced in jit."""
+  is_bos = (tokens == bos) if bos is not None else jnp.zeros(tokens.shape, bool)
+
+  def tap(name, t):
+    if name != site:
+      return t
+    new = fn(t, fn_params) if with_params else fn(t)
+    if new.shape != t.shape:
+      raise ValueError(f"loss_with_replacement: fn maps {site} {t.shape} to {new.shape}; "
+                       "expected the same shape")
+    return jnp.where(is_bos[..., None], t, new.astype(t.dtype))
+  logp = jax.nn.log_softmax(model(tokens, tap)[:, :-1], axis=-1)
+  nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  return logp, nll, ~is_bos[:, 1:]
+
+
 class LanguageModel:
   """A converted LM. tokens are int32 [batch, seq], one packed sequence per row, positions 0..seq-1."""
 
@@ -130,24 +150,9 @@ class LanguageModel:
 
     def build():
       def run(params, tokens, fn_params):
-        model = nnx.merge(graphdef, params)
-        is_bos = (tokens == bos) if bos is not None else jnp.zeros(tokens.shape, bool)
-
-        def tap(name, t):
-          if name != site:
-            return t
-          new = fn(t, fn_params) if with_params else fn(t)
-          if new.shape != t.shape:
-            raise ValueError(f"loss_with_replacement: fn maps {site} {t.shape} to {new.shape}; "
-                             "expected the same shape")
-          return jnp.where(is_bos[..., None], t, new.astype(t.dtype))
-        logits = model(tokens, tap)[:, :-1]
-        targets = tokens[:, 1:]
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        mask = ~is_bos[:, 1:]
-        ce = jnp.where(mask, logz - target_logit, 0.0)
-        return jnp.sum(ce) / jnp.maximum(jnp.sum(mask), 1)
+        _, nll, mask = replaced_nll(nnx.merge(graphdef, params), tokens, bos, site, fn,
+                                    fn_params, with_params)
+        return jnp.sum(jnp.where(mask, nll, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
       return run
     key = ("loss", site, fn, with_params)
     if key not in self._compiled:  # scalar output: replicated, so no batch out_sharding
