@@ -21,7 +21,7 @@ from absl import app, flags  # noqa: E402
 
 from experiments import base  # noqa: E402
 from gsae_jax import sharding  # noqa: E402
-from gsae_jax.train import optim  # noqa: E402
+from gsae_jax.train import optim, paths  # noqa: E402
 from gsae_jax.sae import registry  # noqa: E402
 from gsae_jax.sae.spec import describe  # noqa: E402
 from gsae_jax.train.state import create_train_state  # noqa: E402
@@ -32,6 +32,8 @@ _D_SAE = flags.DEFINE_integer("d_sae", 2048, "Dictionary size M.")
 _BATCH = flags.DEFINE_integer("batch", 1024, "Tokens per step.")
 _MEMBERS = flags.DEFINE_integer("members", 3, "Lambdas in the grid.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per variant (the best one counts).")
+_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
+                           "train.compute_dtype.")
 _ARCH = flags.DEFINE_enum("architecture", registry.names()[0], registry.names(), "SAE architecture.")
 
 
@@ -39,12 +41,13 @@ def _stepper(grid, sequential=False):
   c = base.get_config()
   c.sae.architecture, c.sae.d_sae, c.train.batch_size = _ARCH.value, _D_SAE.value, _BATCH.value
   c.sweep.grid = grid  # over the architecture's first coefficient
+  c.train.compute_dtype, c.train.path, c.train.batch_chunks = _DTYPE.value, "dense", 1
   mesh = sharding.make_mesh(1, 1)
   spec, rules = describe(c, _D_IN.value), tuple(map(tuple, c.mesh.rules))
   tx = optim.make_optimizer(c.optim, c.train.steps, spec.architecture.UNIT_NORM_DECODER)
   state, shardings = create_train_state(spec, mesh, rules, tx)
   step, _ = compile_steps(spec, mesh, shardings, rules, tx, c.train.feature_window_tokens,
-                          sequential_members=sequential)
+                          paths.choose(c.train, spec), sequential_members=sequential)
   return [state, step]
 
 

@@ -43,6 +43,8 @@ _L0 = flags.DEFINE_float("l0", None, "Set the state's L0 on the batch (support b
                          "k for TopK-like SAEs); default: the initial state's.")
 _CAPACITY = flags.DEFINE_integer("capacity", 0, "train.sparse_capacity (0: the default).")
 _CHUNKS = flags.DEFINE_integer("batch_chunks", 0, "train.batch_chunks (0: auto, 1: none).")
+_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
+                           "train.compute_dtype; the peak matmul is timed in the same dtype.")
 _SAELENS = flags.DEFINE_bool("saelens", False, "Also time SAELens' step (torch, CPU) interleaved.")
 
 
@@ -55,10 +57,10 @@ def _best_seconds(fn, *args, repeats: int) -> float:
   return best
 
 
-def matmul_peak_timer(size: int):
-  """A function returning the GFLOP/s of one jitted [size, size] @ [size, size] fp32 matmul."""
-  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+def matmul_peak_timer(size: int, dtype: str = "float32"):
+  """A function returning the GFLOP/s of one jitted [size, size] @ [size, size] matmul."""
+  a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+  b = jax.random.normal(jax.random.key(1), (size, size), dtype)
   matmul = jax.jit(jnp.matmul)
   jax.block_until_ready(matmul(a, b))
   return lambda: 2 * size**3 / _best_seconds(matmul, a, b, repeats=1) / 1e9
@@ -71,7 +73,7 @@ def train_step_timer(architecture: str, d_in: int, d_sae: int, batch: int, path:
   c = base.get_config()
   c.sae.architecture, c.sae.d_sae, c.train.batch_size, c.train.steps = architecture, d_sae, batch, 1000
   c.train.path, c.train.sparse_capacity = path, _CAPACITY.value
-  c.train.batch_chunks = _CHUNKS.value
+  c.train.batch_chunks, c.train.compute_dtype = _CHUNKS.value, _DTYPE.value
   cls = registry.get(architecture)
   integer = [coef for coef in cls.COEFFICIENTS if coef.integer]
   if l0 and integer:
@@ -104,7 +106,7 @@ def main(argv):
   del argv
   n, m, batch, arch = _D_IN.value, _D_SAE.value, _BATCH.value, _ARCH.value
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}", flush=True)
-  peak_once = matmul_peak_timer(_PEAK_SIZE.value)
+  peak_once = matmul_peak_timer(_PEAK_SIZE.value, _DTYPE.value)
   path_names = ("dense", "sparse") if _PATH.value == "both" else (_PATH.value,)
   timers = {p: train_step_timer(arch, n, m, batch, p, _L0.value) for p in path_names}
   if _SAELENS.value:
@@ -125,7 +127,7 @@ def main(argv):
     print(f"{p}: {tps:.0f} tokens/s, {flops * tps / 1e9:.1f} dense-equivalent GFLOP/s "
           f"({100 * flops * tps / 1e9 / peak:.1f}% of peak {peak:.1f} GFLOP/s) {stats()}")
   l0 = timers[path_names[-1]][1]()["l0"]
-  line = f"{arch} n={n} M={m} batch={batch} l0={l0:.0f}: " + ", ".join(
+  line = f"{arch} {_DTYPE.value} n={n} M={m} batch={batch} l0={l0:.0f}: " + ", ".join(
       f"{p} {batch / t:.0f} tokens/s" for p, t in best.items())
   if len(path_names) == 2:
     line += f" ({best['dense'] / best['sparse']:.2f}x)"

@@ -24,14 +24,22 @@ from flax import nnx
 from gsae_jax.sae import features
 from gsae_jax.sae.spec import SAESpec
 
-# `auto` takes the sparse path when K slots are at most this fraction of the dictionary: on the
-# 2-core CPU of BUILD_NOTES ("Sparse step"), the sparse Gated step lost at d_sae / K = 80
-# (0.89x) and won at 512; gathers and scatter-adds of K rows run far below matmul speed there.
-AUTO_MAX_SLOT_FRACTION = 1 / 128
-# `train.batch_chunks=0`: the batch is processed in parts of about this many tokens per device,
-# their gradients accumulated: the [tokens, d_sae] temporaries then stay small (1.19x faster
-# dense Gated steps at d_sae 10240 and 1.37x at 65536 with batch 4096 on the 2-core CPU).
+# `auto` takes the sparse path when K slots are at most this fraction of the dictionary, per
+# backend (BUILD_NOTES, "Sparse step" and "GPU timings"). On the 2-core CPU the sparse Gated step
+# lost at d_sae / K = 80 (0.89x) and won at 512: gathers and scatter-adds of K rows run far below
+# matmul speed there. On an H200 it lost up to d_sae / K = 1024 (Gated, JumpReLU, baseline:
+# 0.26-0.51x) and won from 2048 (TopK: 1.27x at 65536 / 32, 1.41x at 131072 / 32); other
+# accelerators (TPU: not measured) use the H200's rule.
+AUTO_MAX_SLOT_FRACTION = {"cpu": 1 / 128, "accelerator": 1 / 2048}
+# `train.batch_chunks=0` on CPU: the batch is processed in parts of about this many tokens per
+# device, their gradients accumulated: the [tokens, d_sae] temporaries then stay small (1.19x
+# faster dense Gated steps at d_sae 10240 and 1.37x at 65536 with batch 4096 on the 2-core CPU).
+# On an H200 one part was faster (1.14x at 10240, 1.09x at 65536), so accelerators use one.
 CHUNK_TOKENS = 1024
+
+
+def _on_cpu() -> bool:
+  return jax.default_backend() == "cpu"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +76,8 @@ def choose(train_config, spec: SAESpec, data_parallel: int = 1) -> PathChoice:
   capacity = min(capacity, spec.d_sae - 1)
   dead_capacity = min(int(train_config.get("sparse_dead_capacity", 1024)), spec.d_sae)
   if path == "auto":
-    sparse = has_sparse and capacity <= AUTO_MAX_SLOT_FRACTION * spec.d_sae
+    fraction = AUTO_MAX_SLOT_FRACTION["cpu" if _on_cpu() else "accelerator"]
+    sparse = has_sparse and capacity <= fraction * spec.d_sae
   else:
     sparse = path == "sparse"
   compute_dtype = {"float32": None, "bfloat16": jnp.bfloat16}[
@@ -89,9 +98,9 @@ def describe_choice(choice: PathChoice) -> str:
 
 def batch_chunks(train_config, spec: SAESpec, data_parallel: int, sparse: bool = False) -> int:
   """`train.batch_chunks`, or for 0 (auto) parts of about CHUNK_TOKENS tokens per device on the
-  dense path (the sparse path's temporaries are small, and each part would add a pass over the
-  dense gradient: 3.2 -> 4.3 s at d_sae 65536 with 4 parts); 1 for architectures whose loss is
-  not a mean over tokens (BatchTopK selects over the batch)."""
+  dense path on CPU (the sparse path's temporaries are small, and each part would add a pass
+  over the dense gradient: 3.2 -> 4.3 s at d_sae 65536 with 4 parts; accelerators: one part);
+  1 for architectures whose loss is not a mean over tokens (BatchTopK selects over the batch)."""
   chunks = int(train_config.get("batch_chunks", 1))
   local = int(train_config.batch_size) // max(data_parallel, 1)
   if not spec.architecture.TOKENWISE_LOSS:
@@ -100,7 +109,7 @@ def batch_chunks(train_config, spec: SAESpec, data_parallel: int, sparse: bool =
                        f"over tokens (it selects over the whole batch); use 0 or 1")
     return 1
   if chunks == 0:
-    chunks = 1 if sparse else max(1, local // CHUNK_TOKENS)
+    chunks = 1 if sparse or not _on_cpu() else max(1, local // CHUNK_TOKENS)
     while local % chunks:
       chunks -= 1
   if local % chunks:
@@ -115,7 +124,7 @@ def sequential_members(sweep_config, choice: PathChoice) -> bool:
   sparse path (vmapped gathers and scatter-adds batch poorly)."""
   execution = sweep_config.get("execution", "vmap")
   if execution == "auto":
-    return choice.sparse or jax.default_backend() == "cpu"
+    return choice.sparse or _on_cpu()
   return execution == "sequential"
 
 

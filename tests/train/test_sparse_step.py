@@ -150,6 +150,27 @@ def test_auto_path_is_dense_for_small_dictionaries_and_sparse_for_large(tiny_con
   assert not paths.choose(c.train, describe(c, c.data.d_in)).sparse
 
 
+def test_auto_on_accelerators_follows_their_measurements(tiny_config, monkeypatch):
+  """On an H200 the sparse step won only from d_sae / K = 2048 and one batch part was fastest."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  c = tiny_config.copy_and_resolve_references()
+  c.train.batch_size, c.train.batch_chunks = 4096, 0
+  c.sae.d_sae = 65536  # Gated, 128 slots: 1/512 of the dictionary, sparse on CPU
+  choice = paths.choose(c.train, describe(c, c.data.d_in))
+  assert not choice.sparse and choice.batch_chunks == 1
+  c.sae.architecture, c.sae.topk.k = "topk", 32  # 1/2048
+  assert paths.choose(c.train, describe(c, c.data.d_in)).sparse
+  assert not paths.sequential_members(c.sweep, paths.PathChoice(False))
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert paths.choose(c.train, describe(c, c.data.d_in)).sparse
+  c.sae.architecture = "gated"
+  choice = paths.choose(c.train, describe(c, c.data.d_in))
+  assert choice.sparse and choice.batch_chunks == 1
+  c.train.path = "dense"
+  assert paths.choose(c.train, describe(c, c.data.d_in)).batch_chunks == 4
+  assert paths.sequential_members(c.sweep, paths.PathChoice(False))
+
+
 def test_sparse_path_refused_where_the_gradient_is_dense(tiny_config):
   c = tiny_config.copy_and_resolve_references()
   c.sae.gated.gate_backward = "straight_through"
