@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from gsae_jax.errors import ConfigError
 from gsae_jax.sae import registry
 
-DATA_SOURCES = ("synthetic", "shards")
+DATA_SOURCES = ("synthetic", "shards", "lm")
 PATHS = ("auto", "dense", "sparse")  # train.path: gsae_jax/train/paths.py
 SWEEP_EXECUTIONS = ("auto", "vmap", "sequential")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -137,6 +137,8 @@ def _validate_data(data) -> None:
     _check(all(is_real(v) and math.isfinite(v) for v in (data.mag_low, data.mag_high))
            and 0 < data.mag_low <= data.mag_high, "data.mag_low/mag_high",
            "finite numbers with 0 < mag_low <= mag_high", (data.mag_low, data.mag_high))
+  elif data.source == "lm":
+    _validate_lm(data)
   else:
     _validate_shards(data)
 
@@ -200,10 +202,17 @@ def upgrade_legacy(config: dict) -> dict:
 
 
 def _validate_shards(data) -> None:
-  """Cheap checks at start (manifest only); checksums and finiteness are checked on open."""
-  from gsae_jax.data.shards import MANIFEST, read_manifest  # keeps configs free of data imports
+  """Cheap checks at start (manifest only); checksums and finiteness are checked on open. The
+  lanes' fit to the batch and the process count is checked where both are known (the loader)."""
+  from gsae_jax.data import storage  # keeps configs free of data imports
+  from gsae_jax.data.block_shuffle import BlockSpec, check_blocks
+  from gsae_jax.data.shards import MANIFEST, read_manifest
   _check(bool(data.get("path")), "data.path", "a folder written by launch/harvest.py",
          data.get("path"))
+  _check(data.shuffle in ("global", "block"), "data.shuffle", "'global' or 'block'", data.shuffle)
+  _check(data.shuffle == "block" or storage.is_local(data.path), "data.shuffle",
+         f"'block' for shards on remote storage ({data.path}): the global shuffle reads single "
+         "rows from memory-mapped local files", data.shuffle)
   try:
     manifest = read_manifest(data.path)
   except ValueError as e:
@@ -216,6 +225,12 @@ def _validate_shards(data) -> None:
   check_int(data.prefetch, "data.prefetch", 0)
   _check(isinstance(data.verify_checksums, bool), "data.verify_checksums", "True or False",
          data.verify_checksums)
+  if data.shuffle == "block":
+    check_int(data.block_rows, "data.block_rows", 1)
+    check_int(data.buffer_blocks, "data.buffer_blocks", 1)
+    check_int(data.lanes, "data.lanes", 1)
+    check_blocks(BlockSpec(data.block_rows, data.buffer_blocks, data.lanes),
+                 manifest["token_count"])
 
 
 def validate_target_l0(block) -> None:
@@ -233,3 +248,9 @@ def validate_target_l0(block) -> None:
   ratio = tuple(block.get("ratio", ()) or ())
   _check(not ratio or len(ratio) == 2 and all(a in registry.names() for a in ratio),
          "target_l0.ratio", f"() or two of {registry.names()} (reference, baseline)", ratio)
+
+
+def _validate_lm(data) -> None:
+  """Streaming from the LM (`gsae_jax/data/stream.py`): fields only, no LM or text loaded."""
+  from gsae_jax.data import stream  # keeps configs free of data imports
+  stream.validate(data)

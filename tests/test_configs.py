@@ -21,7 +21,7 @@ def test_default_configs_are_valid():
     ("sweep.coefficient", "k", "a coefficient of gated: one of ['l1'], found 'k'"),
     ("train.batch_size", 1023, "multiple of the mesh 'data' axis size 2"),
     ("optim.lr", 0.0, "> 0"),
-    ("data.source", "hub", "one of ('synthetic', 'shards')"),
+    ("data.source", "hub", "one of ('synthetic', 'shards', 'lm')"),
 ])
 def test_bad_values_name_the_field(field, value, message):
   c = synthetic.get_config()
@@ -127,3 +127,35 @@ def test_shards_fields_are_range_checked(tmp_path):
     with pytest.raises(ConfigError, match="config." + field) as err:
       configs.validate(bad, MESH)
     assert message in str(err.value)
+
+
+def test_shuffle_fields_are_checked(tmp_path):
+  """data.shuffle and the block shuffle's fields (checked only under 'block'); the global
+  shuffle is refused for a remote folder before anything is read from it."""
+  from experiments import shards as shards_experiment
+  from gsae_jax.data import harvest
+  from tests.data.conftest import fake_activations, spec, unique_windows
+  s = spec()
+  harvest.harvest(str(tmp_path), unique_windows(4, s.context_length), fake_activations(8), s,
+                  progress=False)  # 64 rows
+  c = shards_experiment.get_config()
+  c.data.path, c.data.d_in, c.sae.d_sae, c.train.batch_size = str(tmp_path), 8, 32, 64
+  c.data.block_rows = 0  # unused by the global shuffle
+  configs.validate(c, MESH)
+  c.data.shuffle, c.data.block_rows = "block", 8
+  configs.validate(c, MESH)
+  for field, value, message in [("data.shuffle", "rows", "'global' or 'block'"),
+                                ("data.block_rows", 0, "an integer > 0"),
+                                ("data.buffer_blocks", -2, "an integer > 0"),
+                                ("data.lanes", 0, "an integer > 0"),
+                                ("data.block_rows", 10, "at most 9 (the 64 rows must make a block "
+                                                        "for each of data.lanes=8 lanes)")]:
+    bad = c.copy_and_resolve_references()
+    _set(bad, field, value)
+    with pytest.raises(ConfigError, match="config." + field) as err:
+      configs.validate(bad, MESH)
+    assert message in str(err.value)
+  c.data.shuffle, c.data.path = "global", "gs://bucket/harvest"
+  with pytest.raises(ConfigError, match=r"config.data.shuffle: expected 'block' for shards on "
+                                        r"remote storage \(gs://bucket/harvest\)"):
+    configs.validate(c, MESH)

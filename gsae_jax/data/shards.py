@@ -1,10 +1,11 @@
 """The activation shard format: raw row-major arrays plus one `manifest.json` per folder.
 
-A folder holds `acts_NNNNN.bin` ([rows, d_model] float32 or bfloat16, no header, memory-mapped on
-read) and `ctx_NNNNN.bin` ([rows, 3] int32: window, position, token id of each row), listed with
-row counts and sha256 checksums in `manifest.json`. Raw arrays rather than ArrayRecord because the
-loader's global shuffle gathers single rows by index: memory-mapped rows are read at ~440k rows/s
-per core here with no per-record decode (BUILD_NOTES: shard format).
+A folder (a local path or any `etils.epath` path such as gs://, see `storage.py`) holds
+`acts_NNNNN.bin` ([rows, d_model] float32 or bfloat16, no header) and `ctx_NNNNN.bin` ([rows, 3]
+int32: window, position, token id of each row), listed with row counts and sha256 checksums in
+`manifest.json`. Raw arrays rather than ArrayRecord because the loader's global shuffle gathers
+single rows by index from memory-mapped local files (~440k rows/s per core here, no per-record
+decode; BUILD_NOTES: shard format), and its block shuffle reads a block of rows as one byte range.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import json
 import math
 import os
 import re
+from functools import cached_property
 
 import ml_dtypes
 import numpy as np
 
+from gsae_jax.data import storage
 from gsae_jax.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -39,41 +42,35 @@ def ctx_name(index: int) -> str:
   return f"ctx_{index:05d}.bin"
 
 
-def sha256_file(path: str) -> str:
+def sha256_file(path: storage.PathLike) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with storage.open_read(path) as f:
     while chunk := f.read(1 << 24):
       h.update(chunk)
   return h.hexdigest()
 
 
-def write_atomic(path: str, data: bytes) -> None:
-  """Writes to `path.tmp`, fsyncs and renames, so a reader never sees a partial file."""
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+write_atomic = storage.write_atomic  # a reader never sees a partial file (local: fsync + rename)
 
 
-def write_manifest(folder: str, manifest: dict) -> None:
-  write_atomic(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=2).encode())
+def write_manifest(folder: storage.PathLike, manifest: dict) -> None:
+  write_atomic(storage.join(folder, MANIFEST), json.dumps(manifest, indent=2).encode())
 
 
-def read_manifest(folder: str) -> dict:
+def read_manifest(folder: storage.PathLike) -> dict:
   """The folder's manifest, checked against the schema; a clear error for a missing folder, an
   empty one, bad JSON or a field the loader would misread."""
-  if not os.path.isdir(folder):
+  folder = os.fspath(folder)
+  if not storage.is_dir(folder):
     raise DataError(f"shard folder {folder}: does not exist")
-  path = os.path.join(folder, MANIFEST)
-  if not os.path.exists(path):
-    found = sorted(os.listdir(folder))
+  path = storage.join(folder, MANIFEST)
+  if not storage.exists(path):
+    found = storage.list_names(folder)
     what = "the folder is empty" if not found else f"found only {found[:5]}"
     raise DataError(f"shard folder {folder}: expected {MANIFEST} written by launch/harvest.py, "
                     f"{what}")
   try:
-    with open(path) as f:
+    with storage.open_read(path) as f:
       manifest = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise DataError(f"{path}: not valid JSON ({e})") from None
@@ -168,12 +165,13 @@ def _check_manifest(path: str, manifest) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ShardSet:
-  """Memory-mapped, verified shards of one harvest: global row r lives in shard
-  `searchsorted(offsets, r, 'right') - 1` at row `r - offsets[shard]`."""
+  """Verified shards of one harvest: global row r lives in shard
+  `searchsorted(offsets, r, 'right') - 1` at row `r - offsets[shard]`. Rows are read either by
+  index from memory maps (`acts`, `gather`: local folders only) or as contiguous byte ranges
+  (`byte_ranges`: any storage)."""
 
   folder: str
   manifest: dict
-  acts: tuple[np.ndarray, ...]  # per shard [rows, d_model] memmaps
   offsets: np.ndarray  # [n_shards + 1] int64, cumulative row counts
 
   @property
@@ -189,8 +187,12 @@ class ShardSet:
   def num_tokens(self) -> int:
     return int(self.offsets[-1])
 
+  @property
+  def row_bytes(self) -> int:
+    return self.d_model * self.dtype.itemsize
+
   def paths(self) -> list[str]:
-    return [os.path.join(self.folder, s["file"]) for s in self.manifest["shards"]]
+    return [storage.join(self.folder, s["file"]) for s in self.manifest["shards"]]
 
   def mean_sq_norm(self) -> float:
     return float(self.manifest["normalisation"]["mean_sq_norm"])
@@ -198,13 +200,23 @@ class ShardSet:
   def shard_of(self, rows: np.ndarray) -> np.ndarray:
     return np.searchsorted(self.offsets, rows, side="right") - 1
 
+  @cached_property
+  def acts(self) -> tuple[np.ndarray, ...]:
+    """Per shard [rows, d_model] read-only memory maps, made on first use."""
+    if not storage.is_local(self.folder):
+      raise DataError(f"shard folder {self.folder}: rows are gathered one by one from "
+                      "memory-mapped files, which needs a local folder; read remote or slow "
+                      "storage with config.data.shuffle='block'")
+    return tuple(np.memmap(path, dtype=self.dtype, mode="r", shape=(e["tokens"], self.d_model))
+                 for path, e in zip(self.paths(), self.manifest["shards"]))
+
   def gather(self, rows: np.ndarray) -> np.ndarray:
     """[len(rows), d_model] in the on-disk dtype, rows in the given order. Reads shard by shard
     in sorted row order so the page cache sees ascending offsets."""
     order = np.argsort(rows, kind="stable")
     sorted_rows = rows[order]
     shard = self.shard_of(sorted_rows)
-    out = np.empty((len(rows), self.d_model), self.acts[0].dtype if self.acts else np.float32)
+    out = np.empty((len(rows), self.d_model), self.dtype)
     bounds = np.flatnonzero(np.diff(shard)) + 1
     for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(rows)]):
       if lo == hi:
@@ -213,60 +225,84 @@ class ShardSet:
       out[order[lo:hi]] = self.acts[s][sorted_rows[lo:hi] - self.offsets[s]]
     return out
 
-
-def _verify_acts(path: str, mm: np.ndarray, expected_sha: str | None) -> None:
-  """Checksum and finiteness in one pass over the file."""
-  if expected_sha is not None:
-    found = sha256_file(path)
-    if found != expected_sha:
-      raise DataError(f"shard {path}: sha256 mismatch, manifest says {expected_sha[:16]}..., "
-                       f"file has {found[:16]}... (corrupted or overwritten)")
-  for lo in range(0, mm.shape[0], _CHUNK_ROWS):
-    finite = np.isfinite(np.asarray(mm[lo:lo + _CHUNK_ROWS], np.float32)).all(axis=1)
-    if not finite.all():
-      row = lo + int(np.argmin(finite))
-      raise DataError(f"shard {path}: non-finite activations (NaN or Inf) at row {row}")
+  def byte_ranges(self, start: int, stop: int) -> list[tuple[str, int, int, int]]:
+    """Rows [start, stop) as (path, byte offset, byte count, first row in that shard) per shard
+    they span, in order: one sequential read each."""
+    out, paths = [], self.paths()
+    for s in range(int(self.shard_of(np.array([start]))[0]), len(paths)):
+      lo, hi = max(start, self.offsets[s]), min(stop, self.offsets[s + 1])
+      if lo >= hi:
+        break
+      local = int(lo - self.offsets[s])
+      out.append((paths[s], local * self.row_bytes, int(hi - lo) * self.row_bytes, local))
+    return out
 
 
-def open_shards(folder: str, verify: bool = True, require_complete: bool = True) -> ShardSet:
-  """Opens a finished harvest. Always checks the manifest and file sizes; with `verify` also every
-  checksum and that every activation is finite (one sequential read of the folder, before any
-  training)."""
+def first_non_finite(x: np.ndarray) -> int | None:
+  """Index of the first row of [rows, d_model] `x` holding a NaN or Inf; None if there is none."""
+  finite = np.isfinite(x).all(axis=1)
+  return None if finite.all() else int(np.argmin(finite))
+
+
+def non_finite_error(path: str, row: int) -> DataError:
+  return DataError(f"shard {path}: non-finite activations (NaN or Inf) at row {row}")
+
+
+def _verify_acts(path: str, rows: int, d_model: int, dtype: np.dtype, expected_sha: str) -> None:
+  """Checksum and finiteness in one sequential pass over the file."""
+  h, chunk_bytes, bad_row = hashlib.sha256(), _CHUNK_ROWS * d_model * dtype.itemsize, None
+  with storage.open_read(path) as f:
+    for lo in range(0, rows, _CHUNK_ROWS):
+      chunk = f.read(chunk_bytes)
+      h.update(chunk)
+      if bad_row is None:
+        bad = first_non_finite(np.frombuffer(chunk, dtype).reshape(-1, d_model))
+        bad_row = None if bad is None else lo + bad
+  found = h.hexdigest()
+  if found != expected_sha:  # reported first: a corrupted file explains a NaN
+    raise DataError(f"shard {path}: sha256 mismatch, manifest says {expected_sha[:16]}..., "
+                    f"file has {found[:16]}... (corrupted or overwritten)")
+  if bad_row is not None:
+    raise non_finite_error(path, bad_row)
+
+
+def open_shards(folder: storage.PathLike, verify: bool = True,
+                require_complete: bool = True) -> ShardSet:
+  """Opens a finished harvest in a local folder or any epath folder (gs://...). Always checks the
+  manifest and file sizes; with `verify` also every checksum and that every activation is finite
+  (one sequential read of the folder, before any training)."""
+  folder = os.fspath(folder)
   manifest = read_manifest(folder)
-  mpath = os.path.join(folder, MANIFEST)
+  mpath = storage.join(folder, MANIFEST)
   if require_complete and not manifest["complete"]:
     raise DataError(f"{mpath}: harvest not finished ({len(manifest['shards'])} shards so far); "
                     "re-run launch/harvest.py with the same config to complete it")
   if not manifest["shards"]:
     raise DataError(f"{mpath}: lists no shards (0 tokens harvested)")
   dtype, d = DTYPES[manifest["dtype"]], manifest["d_model"]
-  acts, counts = [], []
   for entry in manifest["shards"]:
     rows = entry["tokens"]
     for name, width, dt, sha in ((entry["file"], d, dtype, entry["sha256"]),
                                  (entry["ctx_file"], len(CTX_COLUMNS), np.dtype(np.int32),
                                   entry["ctx_sha256"])):
-      path = os.path.join(folder, name)
-      if not os.path.isfile(path):
+      path = storage.join(folder, name)
+      if not storage.is_file(path):
         raise DataError(f"shard {path}: missing (listed in {mpath})")
-      expected, found = rows * width * dt.itemsize, os.path.getsize(path)
+      expected, found = rows * width * dt.itemsize, storage.size(path)
       if found != expected:
         kind = "truncated" if found < expected else "too long"
         raise DataError(f"shard {path}: {kind}, expected {expected} bytes ({rows} rows x {width} "
                         f"x {dt.itemsize} B), found {found}")
       if verify and name == entry["ctx_file"] and sha256_file(path) != sha:
         raise DataError(f"shard {path}: sha256 mismatch with {mpath} (corrupted or overwritten)")
-    path = os.path.join(folder, entry["file"])
-    mm = np.memmap(path, dtype=dtype, mode="r", shape=(rows, d))
     if verify:
-      _verify_acts(path, mm, entry["sha256"])
-    acts.append(mm)
-    counts.append(rows)
+      _verify_acts(storage.join(folder, entry["file"]), rows, d, dtype, entry["sha256"])
+  counts = [entry["tokens"] for entry in manifest["shards"]]
   offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-  return ShardSet(folder, manifest, tuple(acts), offsets)
+  return ShardSet(folder, manifest, offsets)
 
 
-def read_ctx(folder: str, entry: dict) -> np.ndarray:
+def read_ctx(folder: storage.PathLike, entry: dict) -> np.ndarray:
   """[rows, 3] int32 (window, position, token) of one shard entry."""
-  path = os.path.join(folder, entry["ctx_file"])
-  return np.fromfile(path, dtype=np.int32).reshape(-1, len(CTX_COLUMNS))
+  with storage.open_read(storage.join(folder, entry["ctx_file"])) as f:
+    return np.frombuffer(bytearray(f.read()), dtype=np.int32).reshape(-1, len(CTX_COLUMNS))

@@ -19,6 +19,7 @@ from gsae_jax.data.normalise import (
   resolve_target,
   scale_for_mean_sq,
 )
+from gsae_jax.data.block_shuffle import BlockSpec
 from gsae_jax.data.pipeline import ShardIterator
 from gsae_jax.data.synthetic import SyntheticFeatures, synthetic_batches
 
@@ -68,7 +69,10 @@ def make_source(config, mesh: Mesh) -> BatchSource:
     return _synthetic(config, out)
   if source == "shards":
     return _shards(config, out)
-  raise ValueError(f"config.data.source={source!r}: expected 'synthetic' or 'shards'")
+  if source == "lm":
+    from gsae_jax.data import stream  # loads the LM stack only when streaming from it
+    return stream.make_lm_source(config, out)
+  raise ValueError(f"config.data.source={source!r}: expected 'synthetic', 'shards' or 'lm'")
 
 
 def _synthetic(config, out: NamedSharding) -> BatchSource:
@@ -93,7 +97,9 @@ def _shards(config, out: NamedSharding) -> BatchSource:
   scale = scale_for_mean_sq(shard_set.mean_sq_norm(), target)
   # bf16 shards feed a bf16-compute step as bf16: no float32 copy on the host.
   keep_bf16 = config.train.get("compute_dtype", "float32") == "bfloat16"
+  block = (BlockSpec(data.block_rows, data.buffer_blocks, data.lanes)
+           if data.shuffle == "block" else None)
   batches = ShardIterator(shard_set, config.train.batch_size, out, scale, seed=data.seed,
                           num_epochs=data.num_epochs, num_threads=data.num_threads,
-                          prefetch=data.prefetch, keep_bf16=keep_bf16)
+                          prefetch=data.prefetch, keep_bf16=keep_bf16, block=block)
   return BatchSource(shard_set.d_model, batches, scale, None)

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from typing import Any, Sequence
 
-from gsae_jax.data import shards
+from gsae_jax.data import shards, storage
 from gsae_jax.errors import RunMismatch
 
 RUN_FILE = "run.json"
@@ -26,6 +25,9 @@ HISTORY_FILE = "history.jsonl"
 _OPERATIONAL = ("train.log_every", "checkpoint", "mesh", "data.path", "data.num_threads",
                 "data.prefetch", "data.verify_checksums", "train.path", "train.batch_chunks",
                 "train.sparse_capacity", "train.sparse_dead_capacity", "sweep.execution")
+
+# The block shuffle's fields: they change the batches only under data.shuffle='block'.
+_BLOCK_SHUFFLE = ["data.shuffle", "data.block_rows", "data.buffer_blocks", "data.lanes"]
 
 
 def _under(field: str, prefixes: Sequence[str]) -> bool:
@@ -47,9 +49,11 @@ def of(config, source_info: dict, shard_checksums: bool = True) -> dict[str, Any
   shard folder's manifest for a digest of its checksums."""
   flat = _flatten(json.loads(config.to_json_best_effort()))
   arch = config.sae.architecture
-  unused_blocks = [f"sae.{k}" for k, v in config.sae.items() if hasattr(v, "keys") and k != arch]
+  unused = [f"sae.{k}" for k, v in config.sae.items() if hasattr(v, "keys") and k != arch]
+  if config.data.get("shuffle", "global") == "global":
+    unused += _BLOCK_SHUFFLE  # as in runs recorded before the block shuffle existed
   identity = {k: v for k, v in flat.items()
-              if not _under(k, _OPERATIONAL) and not _under(k, unused_blocks)}
+              if not _under(k, _OPERATIONAL) and not _under(k, unused)}
   identity.update({f"source.{k}": v for k, v in source_info.items() if k != "source"})
   if config.data.source == "shards" and shard_checksums:
     manifest = shards.read_manifest(config.data.path)
@@ -59,12 +63,11 @@ def of(config, source_info: dict, shard_checksums: bool = True) -> dict[str, Any
 
 
 def _read(workdir: str) -> dict | None:
-  path = os.path.join(workdir, RUN_FILE)
-  if not os.path.exists(path):
+  path = storage.join(workdir, RUN_FILE)
+  if not storage.exists(path):
     return None
   try:
-    with open(path) as f:
-      recorded = json.load(f)
+    recorded = json.loads(storage.read_bytes(path))
     return dict(recorded["identity"])
   except (ValueError, KeyError, TypeError) as e:
     raise RunMismatch(f"{path}: unreadable ({type(e).__name__}: {e}); it records which run "
@@ -77,13 +80,13 @@ def changes(workdir: str, identity: dict, allowed: Sequence[str] = (),
   the others. A workdir without run.json is new (no changes), or was written by an earlier
   version: then `earlier`, the identity rebuilt from its checkpoint's config and source.json, is
   compared on the fields both know."""
-  recorded, where = _read(workdir), os.path.join(workdir, RUN_FILE)
+  recorded, where = _read(workdir), storage.join(workdir, RUN_FILE)
   if recorded is None:
     if earlier is None:
       return {}
     identity = {k: v for k, v in identity.items() if k in earlier}
     recorded = {k: v for k, v in earlier.items() if k in identity}
-    where = f"{os.path.join(workdir, 'checkpoints')} (an earlier version's run)"
+    where = f"{storage.join(workdir, 'checkpoints')} (an earlier version's run)"
   diff = {k: [recorded.get(k), identity.get(k)] for k in sorted(set(recorded) | set(identity))
           if recorded.get(k) != identity.get(k)}
   refused = [k for k in diff if not _under(k, allowed)]
@@ -99,13 +102,13 @@ def changes(workdir: str, identity: dict, allowed: Sequence[str] = (),
 
 def record(workdir: str, identity: dict, changed: dict[str, list], step: int | None) -> None:
   """Writes run.json (atomically) and, for a new identity or allowed changes, a history line."""
-  path = os.path.join(workdir, RUN_FILE)
-  new = not os.path.exists(path)
+  path = storage.join(workdir, RUN_FILE)
+  new = not storage.exists(path)
   if not new and not changed:
     return
   shards.write_atomic(path, json.dumps({"identity": identity}, indent=1).encode())
   event = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "command": sys.argv,
            "event": "started" if new and step is None else "adopted" if new else "changed",
            "step": step, "changes": changed}
-  with open(os.path.join(workdir, HISTORY_FILE), "a") as f:
+  with storage.AppendFile(storage.join(workdir, HISTORY_FILE)) as f:
     f.write(json.dumps(event) + "\n")

@@ -11,6 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gsae_jax import sharding
 from gsae_jax.data import shards
+from gsae_jax.data.block_shuffle import BlockSpec
 from gsae_jax.data.pipeline import ShardIterator, permute
 
 T = 17  # context length of the fixture windows: 16 non-BOS tokens each
@@ -128,3 +129,20 @@ def test_bf16_shards_feed_bf16_when_asked(make_harvest, mesh):
   as_bf16 = next(_iterator(folder, mesh, 16, seed=0, scale=0.5, keep_bf16=True))
   assert as_f32.dtype == np.float32 and str(as_bf16.dtype) == "bfloat16"
   np.testing.assert_allclose(np.asarray(as_bf16, np.float32), np.asarray(as_f32), rtol=1e-2)
+
+
+def test_state_saved_before_the_block_shuffle_restores(make_harvest, mesh):
+  """A global-shuffle state without the 'shuffle' key (checkpoints of earlier versions) is the
+  global shuffle's; a block shuffle refuses it."""
+  folder = make_harvest(10)
+  a = _iterator(folder, mesh, 32, seed=2)
+  next(a)
+  state = a.get_state()
+  assert state.pop("shuffle") == "global"
+  expected = np.asarray(next(a))
+  b = _iterator(folder, mesh, 32, seed=2)
+  b.set_state(state)
+  np.testing.assert_array_equal(np.asarray(next(b)), expected)
+  block = _iterator(folder, mesh, 32, seed=2, block=BlockSpec(8, 2, 4))
+  with pytest.raises(ValueError, match=r"another stream .*'shuffle': \('global', 'block'\)"):
+    block.set_state(state)

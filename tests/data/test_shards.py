@@ -204,3 +204,34 @@ def test_unfinished_harvest_manifest_reads(make_harvest):
   assert shards.read_manifest(folder)["complete"] is False
   s = shards.open_shards(folder, verify=False, require_complete=False)
   assert s.num_tokens == 64
+
+
+def test_folders_on_epath_storage_open_and_fail_alike(make_harvest, tmp_path, monkeypatch):
+  """With every file operation through etils.epath (the code path of gs://), on the local disk:
+  a good folder opens with its checks, a bad one fails naming the file, and the manifest and
+  other files are written whole."""
+  folder = make_harvest(4, windows_per_shard=2)
+  local = shards.open_shards(folder)
+  monkeypatch.setattr(shards.storage, "is_local", lambda path: False)
+  s = shards.open_shards(folder)
+  assert (s.num_tokens, s.paths()) == (64, local.paths())
+  np.testing.assert_array_equal(shards.read_ctx(folder, s.manifest["shards"][1]),
+                                shards.read_ctx(folder, local.manifest["shards"][1]))
+  with pytest.raises(DataError, match="needs a local folder"):
+    s.gather(np.arange(3))  # the global shuffle's memory maps
+  shards.write_manifest(str(tmp_path), s.manifest)
+  assert json.loads((tmp_path / "manifest.json").read_text()) == s.manifest
+  assert sorted(os.listdir(tmp_path)) == ["manifest.json", "shards"]  # no .tmp left over
+  path = os.path.join(folder, "acts_00001.bin")
+  os.truncate(path, os.path.getsize(path) - 7)
+  with pytest.raises(DataError, match=r"acts_00001.bin: truncated, expected 1024 bytes"):
+    shards.open_shards(folder, verify=False)
+  with pytest.raises(DataError, match="nowhere: does not exist"):
+    shards.open_shards(str(tmp_path / "nowhere"))
+
+
+def test_write_atomic_replaces_whole_files_locally(tmp_path):
+  path = tmp_path / "f.json"
+  shards.write_atomic(str(path), b"one")
+  shards.write_atomic(path, b"two")  # os.PathLike too
+  assert path.read_bytes() == b"two" and sorted(os.listdir(tmp_path)) == ["f.json"]

@@ -3,6 +3,7 @@
 process with 4 fake devices ends on the same global batches; their checkpoint, written by both
 processes together, restores in a single process."""
 
+import json
 import os
 import socket
 import subprocess
@@ -70,10 +71,12 @@ def shard_folder(tmp_path):
   return folder
 
 
-def test_two_processes_match_one_process_and_checkpoint_restores(tmp_path, shard_folder):
+def _one_and_two_processes(tmp_path, shard_folder, *extra) -> tuple:
+  """Trains once in one process with 4 devices and once in 2 processes x 2 devices; checks that
+  both end with the same parameters and returns (their workdirs, the 2-process parameters)."""
   one, two = tmp_path / "one", tmp_path / "two"
-  ref = subprocess.Popen(_cmd(one, shard_folder, "--distributed=off"), cwd=ROOT, env=_env(4),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  ref = subprocess.Popen(_cmd(one, shard_folder, "--distributed=off", *extra), cwd=ROOT,
+                         env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   (out, err), = _wait_all([ref])
   assert ref.returncode == 0, err[-3000:]
   assert "on 4 cpu device(s)" in out
@@ -81,7 +84,7 @@ def test_two_processes_match_one_process_and_checkpoint_restores(tmp_path, shard
   port = _free_port()
   procs = [subprocess.Popen(
       _cmd(two, shard_folder, f"--coordinator_address=localhost:{port}", "--num_processes=2",
-           f"--process_id={i}"), cwd=ROOT, env=_env(2), stdout=subprocess.PIPE,
+           f"--process_id={i}", *extra), cwd=ROOT, env=_env(2), stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True) for i in range(2)]
   results = _wait_all(procs)
   for i, (p, (out, err)) in enumerate(zip(procs, results)):
@@ -93,6 +96,11 @@ def test_two_processes_match_one_process_and_checkpoint_restores(tmp_path, shard
   assert sorted(want) == sorted(got)
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=2e-5, atol=2e-6, err_msg=k)
+  return one, two, got
+
+
+def test_two_processes_match_one_process_and_checkpoint_restores(tmp_path, shard_folder):
+  _, two, got = _one_and_two_processes(tmp_path, shard_folder)
   # Only process 0 writes the metrics log: one line per log step, not two.
   assert len((two / "metrics.jsonl").read_text().splitlines()) == STEPS // 2
 
@@ -112,10 +120,20 @@ def test_two_processes_match_one_process_and_checkpoint_restores(tmp_path, shard
   step, state, data_state = checkpointer.restore(abstract)
   assert step == STEPS and int(state.step) == STEPS
   assert state.params["W_dec"].sharding.spec == jax.sharding.PartitionSpec("model", None)
-  for k in want:
+  for k in got:
     np.testing.assert_allclose(np.asarray(state.params[k]), got[k], rtol=0, atol=0, err_msg=k)
   assert data_state["global_batch"] == BATCH
   checkpointer.close()
+
+
+def test_two_processes_match_one_process_with_the_block_shuffle(tmp_path, shard_folder):
+  """Each process reads its own lanes' blocks (192 rows in blocks of 8, 2 lanes per process);
+  the global batches, and so the trained parameters, are those of one process."""
+  _, two, _ = _one_and_two_processes(
+      tmp_path, shard_folder, "--config.data.shuffle=block", "--config.data.block_rows=8",
+      "--config.data.buffer_blocks=2", "--config.data.lanes=4")
+  data_state = json.loads((two / "checkpoints" / str(STEPS) / "data" / "metadata").read_text())
+  assert (data_state["shuffle"], data_state["block_rows"], data_state["lanes"]) == ("block", 8, 4)
 
 
 def test_processes_along_the_model_axis_are_refused(tmp_path, shard_folder):
