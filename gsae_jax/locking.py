@@ -4,6 +4,8 @@ The kernel drops a flock when its process dies (kill -9 included), so a lock lef
 run is taken over by the next one without any staleness guess. The file holds the holder's pid,
 host, start time and command, for the refusal message, and is removed on release. On file
 systems without flock (some network mounts) taking the lock fails with an OSError naming it.
+Object stores (gs://, s3://) have no locks: there `hold` only creates the folder, and keeping
+one writer per folder is the job scheduler's.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 import time
 from typing import Iterator
 
+from gsae_jax.data import storage
 from gsae_jax.errors import Locked
 
 LOCK_FILE = ".lock"
@@ -56,11 +59,14 @@ def _acquire(path: str) -> int:
 def hold(folder: str, enabled: bool = True) -> Iterator[None]:
   """Holds `folder`'s lock (creating the folder) for the block; raises `Locked` naming the live
   holder. With `enabled=False` (processes other than the first of a multi-process run, which
-  share the first one's lock) it does nothing."""
+  share the first one's lock) it does nothing; on an object store it only creates the folder."""
   if not enabled:
     yield
     return
-  os.makedirs(folder, exist_ok=True)
+  storage.makedirs(folder)
+  if not storage.is_local(folder):
+    yield
+    return
   path = os.path.join(folder, LOCK_FILE)
   fd = _acquire(path)
   try:

@@ -8,11 +8,12 @@ small pure-Python writer (numpy + protobuf), no TensorFlow or torch needed.
 from __future__ import annotations
 
 import numbers
-import os
 from typing import Any, Mapping
 
 import numpy as np
 from tensorboardX import SummaryWriter
+
+from gsae_jax.data import storage
 
 TENSORBOARD_DIR = "tensorboard"
 
@@ -22,7 +23,8 @@ class LiveMetrics:
   so that one process of a multi-host run writes the files."""
 
   def __init__(self, workdir: str, enabled: bool = True):
-    self._folder, self._enabled = os.path.join(workdir, TENSORBOARD_DIR), enabled
+    # tensorboardX writes local folders, gs:// (google-cloud-storage) and s3:// (boto3) itself
+    self._folder, self._enabled = storage.join(workdir, TENSORBOARD_DIR), enabled
     self._created: SummaryWriter | None = None
 
   @property

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-import os
 from typing import Any, Sequence
 
 import jax
@@ -14,7 +14,7 @@ import numpy as np
 
 from gsae_jax import configs, distributed, locking, plan, sharding
 from gsae_jax.checkpoint import Checkpointer
-from gsae_jax.data import shards
+from gsae_jax.data import shards, storage
 from gsae_jax.data.sources import make_source
 from gsae_jax.eval.metrics import mean_max_cosine
 from gsae_jax.runs import identity, live_metrics, stopping
@@ -39,12 +39,15 @@ def progress_line(step: int, total: int, m: dict, shown: tuple[str, ...] = _SHOW
 
 def source_description(config, source) -> dict:
   """What export needs to know about the activations: d_in, the normalisation constant, and for
-  harvested shards the model, site and context facts from their manifest."""
+  harvested shards the model, site and context facts from their manifest; for a stream from the
+  LM the same facts plus its text config and normalisation sample (`LMStream.description`)."""
   info = {"d_in": source.d_in, "normalisation_scale": source.scale, "source": config.data.source}
   if config.data.source == "shards":
     manifest = shards.read_manifest(config.data.path)
     info.update({k: manifest.get(k) for k in ("model_id", "revision", "site", "layer",
                                                "context_length", "exclude_bos", "bos_token_id")})
+  if config.data.source == "lm":
+    info.update(source.batches.description)
   return info
 
 
@@ -90,7 +93,7 @@ def run(config, workdir: str, restore_step: int | None = None,
   run_id = identity.of(config, described)
   primary = distributed.is_primary()
   with locking.hold(workdir, enabled=primary):
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+    checkpointer = Checkpointer(storage.join(workdir, "checkpoints"),
                                 save_every=config.checkpoint.save_every,
                                 keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     try:
@@ -99,8 +102,8 @@ def run(config, workdir: str, restore_step: int | None = None,
       if primary:  # the run is accepted: from here on the workdir is this run's
         steps = checkpointer.steps()
         identity.record(workdir, run_id, changed, steps[-1] if steps else None)
-        _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
-        _write_json(os.path.join(workdir, "source.json"), described)
+        _write_json(storage.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+        _write_json(storage.join(workdir, "source.json"), described)
       return _train(config, workdir, mesh, source, spec, path, checkpointer, restore_step)
     finally:
       checkpointer.close()
@@ -110,19 +113,27 @@ def _earlier_identity(workdir: str, checkpointer: Checkpointer) -> dict | None:
   """The identity of a run an earlier version left in `workdir` (checkpoints but no run.json),
   rebuilt from its latest checkpoint's config and its source.json; None otherwise."""
   steps = checkpointer.steps()
-  if not steps or os.path.exists(os.path.join(workdir, identity.RUN_FILE)):
+  if not steps or storage.exists(storage.join(workdir, identity.RUN_FILE)):
     return None
   try:
     saved = checkpointer.restore_config(steps[-1])
   except Exception:  # a damaged checkpoint: its restore names it, with the way out
     return None
   saved = ml_collections.ConfigDict(configs.upgrade_legacy(saved))
-  source_path = os.path.join(workdir, "source.json")
+  source_path = storage.join(workdir, "source.json")
   described = {}
-  if os.path.exists(source_path):
-    with open(source_path) as f:
-      described = json.load(f)
+  if storage.exists(source_path):
+    described = json.loads(storage.read_bytes(source_path))
   return identity.of(saved, described, shard_checksums=False)
+
+
+def _more_data(config) -> str:
+  """How to go on after the data ran out."""
+  if config.data.source == "lm":
+    return ("the text (config.data.lm.text) gave no more windows: give more text and re-run with "
+            "--allow_changes=data.lm.text,source.text to go on")
+  return (f"after {config.data.num_epochs} epoch(s): raise config.data.num_epochs (0 = repeat) "
+          "and re-run with --allow_changes=data.num_epochs to go on")
 
 
 def _train(config, workdir: str, mesh, source, spec: SAESpec, path: paths.PathChoice,
@@ -132,13 +143,14 @@ def _train(config, workdir: str, mesh, source, spec: SAESpec, path: paths.PathCh
   shown = _SHOWN + ("sparse_step",) if path.sparse else _SHOWN
   if checkpointer.steps():
     print(f"resuming from {checkpointer.directory} (steps {checkpointer.steps()})", flush=True)
-  log_path = os.path.join(workdir, "metrics.jsonl") if distributed.is_primary() else os.devnull
-  with open(log_path, "a") as log_file, stopping.watch_signals(graceful=True) as requested, \
-       live_metrics.LiveMetrics(workdir, enabled=distributed.is_primary()) as board:
+  primary = distributed.is_primary()
+  log = storage.AppendFile(storage.join(workdir, "metrics.jsonl")) if primary else None
+  with log or contextlib.nullcontext(), stopping.watch_signals(graceful=True) as requested, \
+       live_metrics.LiveMetrics(workdir, enabled=primary) as board:
     def on_metrics(step, m):
       print(progress_line(step, config.train.steps, m, shown), flush=True)
-      log_file.write(json.dumps({"step": step, **_strict_json(m)}, allow_nan=False) + "\n")
-      log_file.flush()
+      if log is not None:
+        log.write(json.dumps({"step": step, **_strict_json(m)}, allow_nan=False) + "\n")
       board.train_metrics(step, m)
 
     state = train(config, mesh, source.batches, spec, on_metrics, checkpointer, restore_step,
@@ -150,17 +162,14 @@ def _train(config, workdir: str, mesh, source, spec: SAESpec, path: paths.PathCh
           "re-run the same command to resume", flush=True)
     return TrainingRun(state, source, spec, stopped)
   if step < config.train.steps:
-    print(f"the data ran out after {config.data.num_epochs} epoch(s), at step {step} of "
-          f"{config.train.steps}: saved checkpoint at step {step}; raise config.data.num_epochs "
-          f"(0 = repeat) and re-run with --allow_changes=data.num_epochs to go on", flush=True)
+    print(f"the data ran out at step {step} of {config.train.steps}: saved checkpoint at step "
+          f"{step}; {_more_data(config)}", flush=True)
 
   # params.npz: our names; in a sweep every array has a leading member axis.
   params = {k: np.asarray(v) for k, v in distributed.to_host(state.params).items()}
   if distributed.is_primary():
-    out = os.path.join(workdir, "params.npz")
-    with open(out + ".tmp", "wb") as f:  # a reader never sees a partial file
+    with storage.open_atomic(storage.join(workdir, "params.npz")) as f:
       np.savez(f, **params)
-    os.replace(out + ".tmp", out)
   if source.ground_truth is not None:
     w_dec = params["W_dec"].reshape((-1,) + params["W_dec"].shape[-2:])
     mmcs = [float(mean_max_cosine(w, source.ground_truth)) for w in w_dec]
