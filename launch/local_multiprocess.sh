@@ -3,6 +3,8 @@
 # (the same code path as a multi-host TPU pod or GPU cluster, collectives through gloo).
 #
 #   launch/local_multiprocess.sh N D launch.train --config=experiments/synthetic.py --workdir=/tmp/mp
+#   LOG_DIR=/tmp/mp_harvest_logs launch/local_multiprocess.sh 2 2 launch.harvest \
+#       --config=experiments/harvest_gemma3_270m_cpu.py --config.mesh.data=2 --config.mesh.model=2
 #
 # Each process i gets: --coordinator_address=localhost:$PORT --num_processes=N --process_id=i
 # and XLA_FLAGS=--xla_force_host_platform_device_count=D. PORT defaults to a free port.

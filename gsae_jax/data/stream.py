@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from gsae_jax import configs
-from gsae_jax.data import harvest
+from gsae_jax.data import harvest, shards
 from gsae_jax.data.normalise import resolve_target, scale_for_mean_sq
 from gsae_jax.data.permutation import permute
 from gsae_jax.errors import ConfigError, DataError, RunMismatch
@@ -118,10 +118,10 @@ class LMGroups:
     return acts.reshape(-1, acts.shape[-1])[kept[order]]
 
   def _activations(self, tokens: np.ndarray) -> np.ndarray:
-    """[n, T, d] float32 of `tokens` [n, T], in LM calls of exactly `spec.batch_size` windows
-    (the last one padded with copies of its final window): one shape, one compilation."""
+    """[n, T, d] of `tokens` [n, T] in `spec.dtype`, in LM calls of exactly `spec.batch_size`
+    windows (the last one padded with copies of its final window): one shape, one compilation."""
     batch, d = self.spec.batch_size, self.spec.d_model
-    out = np.empty((*tokens.shape, d), np.float32)
+    out = np.empty((*tokens.shape, d), shards.DTYPES[self.spec.dtype])
     for start in range(0, len(tokens), batch):
       chunk = tokens[start:start + batch]
       padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), 0)])
@@ -149,8 +149,8 @@ def first_rows_mean_sq(groups: LMGroups, num_rows: int) -> tuple[float, int]:
 
 
 class LMStream:
-  """`BatchIterator` over an `LMGroups` stream: [batch, d] float32 rows times `scale`, placed with
-  `sharding`. State: group, offset in it and batches done, plus what must match on restore."""
+  """`BatchIterator` over an `LMGroups` stream: [batch, d] rows (float32, or bfloat16 when the LM
+  and the step both compute in bf16) times `scale`, placed with `sharding`. State: group, offset in it and batches done, plus what must match on restore."""
 
   def __init__(self, groups: LMGroups, batch_size: int, sharding: NamedSharding,
                scale: float = 1.0, description: dict | None = None):
@@ -181,7 +181,7 @@ class LMStream:
   def __next__(self) -> jax.Array:
     x = self.next_rows()
     if self.scale != 1.0:
-      x *= np.float32(self.scale)
+      x *= x.dtype.type(self.scale)  # bf16: rounded once more, as the bf16 matmul would
     return jax.device_put(x, self.sharding)
 
   def _layout(self) -> dict:
@@ -218,8 +218,9 @@ class LMStream:
     self._group, self._offset, self._batches = g, int(state["offset"]), int(state["batches"])
 
 
-def _checked_spec(lm_config, model, tokenizer) -> harvest.HarvestSpec:
-  """What is streamed, once the LM is known; refuses a layer it lacks or a missing BOS."""
+def _checked_spec(lm_config, model, tokenizer, dtype: str) -> harvest.HarvestSpec:
+  """What is streamed (rows in `dtype` on the host), once the LM is known; refuses a layer it
+  lacks or a missing BOS."""
   cfg = model.config
   if tokenizer is None:
     raise ConfigError(f"config.data.lm.model: no tokenizer files next to the model "
@@ -236,23 +237,25 @@ def _checked_spec(lm_config, model, tokenizer) -> harvest.HarvestSpec:
   return harvest.HarvestSpec(
       model_id=cfg.model_id, revision=getattr(cfg, "revision", None), site=site,
       layer=lm_config.layer, d_model=int(model.site_dim(site)),
-      context_length=lm_config.context_length, num_tokens=0, bos_token_id=int(bos),
+      context_length=lm_config.context_length, num_tokens=0, bos_token_id=int(bos), dtype=dtype,
       exclude_bos=lm_config.exclude_bos, batch_size=lm_config.batch_size)
 
 
-def make_groups(data, model, tokenizer) -> LMGroups:
+def make_groups(data, model, tokenizer, keep_bf16: bool = False) -> LMGroups:
   """The group stream `config.data` describes, over a loaded LM; checks data.d_in against the
-  site's width."""
+  site's width. With `keep_bf16` and an LM computing in bf16, rows stay bf16 (cast on the
+  device; no float32 copy on the host)."""
   from gsae_jax.runs import harvesting  # text packing shared with the harvest; runs is above data
 
-  spec = _checked_spec(data.lm, model, tokenizer)
+  bf16 = keep_bf16 and data.lm.model_dtype == "bfloat16"
+  spec = _checked_spec(data.lm, model, tokenizer, "bfloat16" if bf16 else "float32")
+  dtype = jnp.bfloat16 if bf16 else jnp.float32
   if data.d_in != spec.d_model:
     raise ConfigError(f"config.data.d_in: expected the width {spec.d_model} of {spec.site} in "
                       f"{spec.model_id}, found {data.d_in}")
 
   def activation_fn(tokens: np.ndarray) -> np.ndarray:
-    return np.asarray(model.activations(jnp.asarray(tokens, jnp.int32), [spec.site])[spec.site],
-                      np.float32)
+    return np.asarray(model.activations(tokens, [spec.site], dtype=dtype)[spec.site])
 
   return LMGroups(lambda: harvesting.text_windows(data.lm, tokenizer, spec.bos_token_id),
                   activation_fn, spec, data.buffer_windows, data.seed)
@@ -271,7 +274,8 @@ def make_lm_source(config, out: NamedSharding, lm_and_tokenizer=None):
                       "launch/harvest.py and train with data.source='shards'")
   data = config.data
   model, tokenizer = lm_and_tokenizer or harvesting.load_lm(data.lm)
-  groups = make_groups(data, model, tokenizer)
+  groups = make_groups(data, model, tokenizer,
+                       keep_bf16=config.train.get("compute_dtype", "float32") == "bfloat16")
   spec = groups.spec
   target = resolve_target(data.normalise_target, spec.d_model)
   scale, normalisation = 1.0, None

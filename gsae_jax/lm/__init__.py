@@ -39,8 +39,10 @@ def load(model: str, *, gguf_file: str | None = None, dtype=jnp.float32,
   """(LanguageModel, tokenizer) for a short id (see MODEL_IDS), local folder or hub id.
 
   `gguf_file` names a GGUF inside the folder (or an absolute path); transformers dequantises it.
-  With `mesh`, parameters are placed by `gsae_jax.lm.partition` under `strategy`. The tokenizer is
-  None for a local folder that has no tokenizer files.
+  With `mesh`, parameters are placed by `gsae_jax.lm.partition` under `strategy` as they are
+  converted, each device receiving its slice only; on a mesh over several processes each process
+  reads the checkpoint and fills its own devices. The tokenizer is None for a local folder that
+  has no tokenizer files.
   """
   where, gguf, rev = resolve(model, gguf_file, revision)
   hf_model = load_hf_model(where, gguf, rev, dtype)

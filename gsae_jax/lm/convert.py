@@ -2,9 +2,9 @@
 
 transformers does the loading (hub id, local safetensors folder, or GGUF with `gguf_file=`, which it
 dequantises), so renamings, tied weights and quantisation formats stay its job. We then move the
-state dict tensor by tensor: cast to the requested dtype, place with the partition rules, and (when
-`consume=True`) free the torch storage right away, so peak host memory is the torch model plus one
-tensor, never two full copies.
+state dict tensor by tensor: cast to the requested dtype, place with the partition rules (each
+device receives its slice only), and (when `consume=True`) free the torch storage right away, so
+peak host memory is the torch model plus one tensor, never two full copies.
 """
 
 from __future__ import annotations
@@ -135,6 +135,14 @@ def _torch_dtype(dtype: Any):
   return table[jnp.dtype(dtype)]
 
 
+def _place(host: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
+  """One converted tensor on its devices: each device receives only its own slice (never a full
+  copy per device), and on a mesh over several processes each process fills its own devices."""
+  if sharding is None:
+    return jnp.asarray(host)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def from_hf(hf_model: Any, *, model_id: str, revision: str | None = None, dtype=jnp.float32,
             mesh: jax.sharding.Mesh | None = None, strategy: str = "fsdp_tp",
             consume: bool = False) -> Transformer:
@@ -167,8 +175,7 @@ def from_hf(hf_model: Any, *, model_id: str, revision: str | None = None, dtype=
         raise ValueError(f"{model_id}: tensor {hf_name} -> {path}: expected shape "
                          f"{tuple(var.shape)} from config, found {tuple(arr.shape)}")
       host = np.ascontiguousarray(arr, dtype=np_dtype)
-      sharding = partition.sharding_for(path, host.shape, mesh, strategy)
-      var.set_value(jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host))
+      var.set_value(_place(host, partition.sharding_for(path, host.shape, mesh, strategy)))
       filled.add(path)
     if consume:  # drop the torch model's reference too, so this tensor's memory can go now
       _release(hf_model, hf_name)

@@ -1,4 +1,9 @@
-"""Harvesting activations of an LM over text into a shard folder (config: experiments/harvest_*)."""
+"""Harvesting activations of an LM over text into shard folders (config: experiments/harvest_*).
+
+The LM runs on `config.mesh` (data x model devices, parameters placed at load under
+`mesh.strategy`); with several processes every process harvests its own shards of the one text
+(`gsae_jax.data.harvest`), and `config.sites` lets one LM pass feed one folder per hook site.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gsae_jax import configs, locking
+from gsae_jax import configs, distributed, locking, sharding
 from gsae_jax.data import harvest, shards, text
 from gsae_jax.errors import ConfigError
 
@@ -44,9 +49,29 @@ def validate(c) -> None:
   configs.check_int(c.normalise_sample_tokens, "normalise_sample_tokens", 1)
   configs.check_seed(c.seed, "seed")
   _validate_text(c.text)
-  if c.get("mesh"):  # read by --dry_run only
+  _validate_sites(c.get("sites") or ())
+  if c.get("mesh"):
     _validate_mesh(c.mesh)
+  _check(c.batch_size % jax.process_count() == 0, "batch_size",
+         f"a multiple of the {jax.process_count()} processes (each feeds batch_size / "
+         f"{jax.process_count()} windows to every LM call)", c.batch_size)
   configs.check_finite_everywhere(c)
+
+
+def _validate_sites(sites) -> None:
+  """config.sites: empty (the one `layer`/`site`), or distinct 'blocks.{layer}.{kind}' names."""
+  _check(isinstance(sites, (list, tuple)), "sites", "a tuple of 'blocks.{layer}.{kind}' names",
+         sites)
+  for i, name in enumerate(sites):
+    _check(isinstance(name, str) and _site_kind(name) in SITE_KINDS, f"sites[{i}]",
+           f"'blocks.{{layer}}.{{kind}}' with kind in {SITE_KINDS}", name)
+  _check(len(set(sites)) == len(sites), "sites", "distinct names", sites)
+
+
+def _site_kind(name: str) -> str | None:
+  parts = name.split(".")
+  ok = len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit()
+  return parts[2] if ok else None
 
 
 def _validate_text(t) -> None:
@@ -80,7 +105,8 @@ def _validate_mesh(mesh) -> None:
 def check_output_dir(c) -> None:
   """Refuses, before the LM is loaded, an output_dir the harvest cannot use: a file, a place
   that cannot be written, or a folder holding a harvest made with another config (the
-  creation config in its manifest; `harvest.harvest` checks the rest once the LM is known)."""
+  creation config in its manifest; `harvest.harvest_targets` checks the rest once the LM is
+  known). With `config.sites`, each site's folder under output_dir is checked."""
   out = c.output_dir
   if os.path.exists(out) and not os.path.isdir(out):
     raise ConfigError(f"config.output_dir: expected a folder, found a file at {out}")
@@ -91,16 +117,71 @@ def check_output_dir(c) -> None:
                       f"(above {out})")
   if not os.access(above, os.W_OK | os.X_OK):
     raise ConfigError(f"config.output_dir: cannot write {out}: {above} is not writable")
-  if os.path.exists(os.path.join(out, shards.MANIFEST)):
-    harvest.check_creation_config(out, shards.read_manifest(out), c.to_dict())
+  for folder, site in site_folders(c):
+    if os.path.exists(folder) and not os.path.isdir(folder):
+      raise ConfigError(f"config.sites: expected a folder for {site}, found a file at {folder}")
+    if os.path.exists(os.path.join(folder, shards.MANIFEST)):
+      harvest.check_creation_config(folder, shards.read_manifest(folder),
+                                    creation_config(c, folder, site))
+
+
+def site_folders(c) -> list[tuple[str, str | None]]:
+  """(folder, site) per output: output_dir itself for the one `layer`/`site` (site None: named
+  once the LM is known), else output_dir/<site> for each name in `config.sites`."""
+  if not c.get("sites"):
+    return [(c.output_dir, None)]
+  return [(os.path.join(c.output_dir, site), site) for site in c.sites]
+
+
+def creation_config(c, folder: str, site: str | None) -> dict:
+  """What a folder's manifest records as its creation config: the config of a single-site
+  harvest into that folder (`sites` left out, `layer`/`site`/`output_dir` its own), so a folder
+  of a multi-site pass equals one harvested alone, and resumes as one."""
+  d = c.to_dict()
+  d.pop("sites", None)
+  if site is not None:
+    layer, kind = site.split(".")[1:]
+    d.update(site=kind, layer=int(layer), output_dir=folder)
+  return d
+
+
+def lm_mesh(c):
+  """The LM's ('data', 'model') mesh from `config.mesh` over every process's devices (None
+  without one: the default device)."""
+  m = c.get("mesh")
+  if not m:
+    return None
+  try:
+    return sharding.make_mesh(m.get("data", -1), m.get("model", 1))
+  except ValueError as e:
+    raise ConfigError(f"config.mesh: {e}") from None
+
+
+def _check_batch_on_mesh(c, mesh) -> None:
+  """Each LM call's batch must split over the mesh's data slices, and in a multi-process run
+  every process must hold a contiguous part of them (its own windows' rows)."""
+  if mesh is None:
+    _check(jax.process_count() == 1, "mesh",
+           f"a mesh over the {jax.device_count()} devices of the {jax.process_count()} processes",
+           None)
+    return
+  data = mesh.shape["data"]
+  _check(c.batch_size % data == 0, "batch_size", f"a multiple of mesh data={data}", c.batch_size)
+  try:
+    distributed.check_process_batch_slices(mesh)
+  except ValueError as e:
+    raise ConfigError(f"config.mesh: {e}") from None
 
 
 def load_lm(c):
-  """(LanguageModel, tokenizer) named by the harvest config."""
+  """(LanguageModel, tokenizer) named by the harvest config, parameters placed on `lm_mesh(c)`
+  under `config.mesh.strategy` as they are converted (each device gets its slice only)."""
   from gsae_jax import lm  # the LM stack is only needed here, not by the data pipeline
 
+  mesh = lm_mesh(c)
+  strategy = (c.get("mesh") or {}).get("strategy", "fsdp")
   return lm.load(c.model, gguf_file=c.gguf_file or None, dtype=_DTYPES[c.model_dtype],
-                 revision=c.revision or None)
+                 revision=c.revision or None, mesh=mesh, strategy=strategy)
 
 
 def text_windows(c, tokenizer, bos: int):
@@ -111,18 +192,31 @@ def text_windows(c, tokenizer, bos: int):
 
 
 def run(c, progress: bool = True, lm_and_tokenizer=None) -> dict:
-  """Checks the config and the output folder, then, holding the folder's lock (process 0), loads
-  the LM (unless given), packs the text and harvests; returns the manifest. Every refusal that
+  """`run_sites` of a single-site config: its one manifest."""
+  if c.get("sites"):
+    raise ConfigError(f"config.sites: expected none here (one folder), found {tuple(c.sites)}")
+  return next(iter(run_sites(c, progress, lm_and_tokenizer).values()))
+
+
+def run_sites(c, progress: bool = True, lm_and_tokenizer=None) -> dict[str, dict]:
+  """Checks the config and the output folders, then, holding their locks (process 0), loads the
+  LM (unless given), packs the text and harvests; returns {folder: manifest}. Every refusal that
   needs no LM comes before it is loaded, and a refusal leaves no new folder behind."""
   validate(c)
   check_output_dir(c)
-  created = _outermost_missing(c.output_dir)
+  _check_batch_on_mesh(c, lm_mesh(c) if lm_and_tokenizer is None
+                       else getattr(lm_and_tokenizer[0], "mesh", None))
+  folders = [folder for folder, _ in site_folders(c)]
+  created = [_outermost_missing(folder) for folder in folders]
   try:
-    with locking.hold(c.output_dir, enabled=jax.process_index() == 0):
+    with contextlib.ExitStack() as locks:
+      for folder in folders:
+        locks.enter_context(locking.hold(folder, enabled=jax.process_index() == 0))
       return _run_locked(c, progress, lm_and_tokenizer)
   except BaseException:
-    if created:
-      _remove_empty(c.output_dir, created)
+    for folder, outermost in zip(folders, created):
+      if outermost:
+        _remove_empty(folder, outermost)
     raise
 
 
@@ -145,30 +239,50 @@ def _remove_empty(path: str, outermost: str) -> None:
       path = os.path.dirname(path)
 
 
-def _run_locked(c, progress: bool, lm_and_tokenizer) -> dict:
+def _run_locked(c, progress: bool, lm_and_tokenizer) -> dict[str, dict]:
   model, tokenizer = lm_and_tokenizer or load_lm(c)
   cfg = model.config
   if tokenizer is None:
     raise ConfigError(f"config.model: no tokenizer files next to the model {c.model!r}")
-  if c.layer >= cfg.n_layers:
+  outputs = site_folders(c)
+  sites = [site or f"blocks.{c.layer}.{c.site}" for _, site in outputs]
+  for site in sites:
+    if int(site.split(".")[1]) >= cfg.n_layers and c.get("sites"):
+      raise ConfigError(f"config.sites: expected layers < {cfg.n_layers} (layers of "
+                        f"{cfg.model_id}), found {site!r}")
+  if c.layer >= cfg.n_layers and not c.get("sites"):
     raise ConfigError(f"config.layer: expected < {cfg.n_layers} (layers of {cfg.model_id}), "
                       f"found {c.layer}")
-  site = f"blocks.{c.layer}.{c.site}"
   bos = cfg.bos_token_id if cfg.bos_token_id is not None else tokenizer.bos_token_id
   if bos is None:
     raise ConfigError(f"config.model: {cfg.model_id} has no BOS token id in its config or "
                       "tokenizer")
+  stored = _DTYPES[c.dtype]
 
-  def activation_fn(tokens: np.ndarray) -> np.ndarray:
-    out = model.activations(jnp.asarray(tokens, jnp.int32), [site])[site]
-    return np.asarray(out, np.float32)
+  def activation_fn(tokens: np.ndarray) -> list[np.ndarray]:
+    # Cast on device: a bf16 harvest moves bf16 to the host, never a float32 copy.
+    out = model.activations(tokens, sites, dtype=stored)
+    return [np.asarray(out[site]) for site in sites]
 
-  width = model.site_dim(site)  # attn_z is n_heads * d_head, not always d_model
-  spec = harvest.HarvestSpec(
-      model_id=cfg.model_id, revision=getattr(cfg, "revision", None), site=site, layer=c.layer,
-      d_model=int(width), context_length=c.context_length, num_tokens=c.num_tokens,
-      bos_token_id=int(bos), dtype=c.dtype, exclude_bos=c.exclude_bos,
-      windows_per_shard=c.windows_per_shard, batch_size=c.batch_size,
-      normalise_sample_tokens=c.normalise_sample_tokens, seed=c.seed)
-  windows = text_windows(c, tokenizer, int(bos))
-  return harvest.harvest(c.output_dir, windows, activation_fn, spec, c.to_dict(), progress)
+  targets = []
+  for (folder, given), site in zip(outputs, sites):
+    spec = harvest.HarvestSpec(
+        model_id=cfg.model_id, revision=getattr(cfg, "revision", None), site=site,
+        layer=int(site.split(".")[1]),
+        d_model=int(model.site_dim(site)),  # attn_z is n_heads * d_head, not always d_model
+        context_length=c.context_length, num_tokens=c.num_tokens, bos_token_id=int(bos),
+        dtype=c.dtype, exclude_bos=c.exclude_bos, windows_per_shard=c.windows_per_shard,
+        batch_size=c.batch_size, normalise_sample_tokens=c.normalise_sample_tokens, seed=c.seed)
+    targets.append(harvest.Target(folder, spec, creation_config(c, folder, given)))
+  processes = harvest.Processes(jax.process_index(), jax.process_count(), _allgather)
+  manifests = harvest.harvest_targets(targets, text_windows(c, tokenizer, int(bos)),
+                                      activation_fn, progress, processes)
+  return {t.folder: m for t, m in zip(targets, manifests)}
+
+
+def _allgather(code: int) -> list[int]:
+  """Every process's `code`, in process order (a barrier across the job)."""
+  if jax.process_count() == 1:
+    return [code]
+  from jax.experimental import multihost_utils
+  return [int(x) for x in multihost_utils.process_allgather(np.int32(code))]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
+import threading
 import time
 import types
 
@@ -119,16 +122,16 @@ def test_killed_harvest_resumes_to_identical_shards(tmp_path):
   deadline = time.time() + 60
   try:
     while time.time() < deadline:  # kill once two shards are listed: mid-way through the third
-      if (cut / "manifest.json").exists():
-        if len(json.loads((cut / "manifest.json").read_text())["shards"]) >= 2:
-          break
+      if len(_progress(cut)) >= 2:
+        break
       assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
       time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
   finally:
     proc.wait()
   partial = json.loads((cut / "manifest.json").read_text())
-  assert not partial["complete"] and 2 <= len(partial["shards"]) < 7
+  assert not partial["complete"] and partial["shards"] == []  # the config, written first
+  assert 2 <= len(_progress(cut)) < 7
   m = harvest.harvest(str(cut), unique_windows(40, 17), fake_activations(8), s, {"run": "kill"},
                       progress=False)
   assert m == json.loads((whole / "manifest.json").read_text())
@@ -137,8 +140,20 @@ def test_killed_harvest_resumes_to_identical_shards(tmp_path):
     assert (cut / name).read_bytes() == (whole / name).read_bytes(), name
 
 
+def _progress(folder, process: int = 0) -> dict:
+  """{shard index: entry} that `process` lists as finished in `folder` so far."""
+  path = folder / harvest.PROGRESS_DIR / f"process_{process}.json"
+  try:
+    return {int(k): e for k, e in json.loads(path.read_text())["shards"].items()}
+  except (FileNotFoundError, json.JSONDecodeError):
+    return {}
+
+
 def _snapshot(folder) -> dict:
-  return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+  """{relative path: bytes} of every file under `folder`, the folder's own path (a manifest's
+  config.output_dir) masked."""
+  return {str(p.relative_to(folder)): p.read_bytes().replace(str(folder).encode(), b"<out>")
+          for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _partial_harvest(folder, s, windows, creation_config=None, shards_before_crash=2):
@@ -151,7 +166,7 @@ def _partial_harvest(folder, s, windows, creation_config=None, shards_before_cra
     return fake_activations(s.d_model)(tokens)
   with pytest.raises(RuntimeError, match="crash"):
     harvest.harvest(str(folder), iter(windows), crashing, s, creation_config, progress=False)
-  assert len(json.loads((folder / "manifest.json").read_text())["shards"]) == shards_before_crash
+  assert sorted(_progress(folder)) == list(range(shards_before_crash))
 
 
 def test_resume_refuses_changed_text_and_leaves_the_folder_as_it_was(tmp_path):
@@ -219,10 +234,16 @@ class _FakeLM:
   def site_dim(self, site):
     return 8
 
-  def activations(self, tokens, sites):
+  def activations(self, tokens, sites, dtype=None):
+    """Per site: the fake activations, column 1 shifted by the site (sites tell apart)."""
     if self.on_call:
       self.on_call()
-    return {sites[0]: fake_activations(8)(np.asarray(tokens))}
+    out = {}
+    for site in sites:
+      x = fake_activations(8)(np.asarray(tokens))
+      x[..., 1] += hash(site) % 1000
+      out[site] = x.astype(dtype or np.float32)
+    return out
 
 
 def _config(out, **overrides):
@@ -230,6 +251,7 @@ def _config(out, **overrides):
   c = harvest_gemma3_270m.get_config()
   c.model, c.output_dir, c.layer, c.context_length = "unused", str(out), 1, 17
   c.num_tokens, c.windows_per_shard, c.batch_size, c.normalise_sample_tokens = 200, 4, 2, 64
+  c.mesh.data = 1  # the fake LM's batches need no split over the 8 fake devices
   for k, v in overrides.items():
     c[k] = v
   return c
@@ -333,3 +355,230 @@ def test_bad_layer_is_one_line_and_leaves_no_folder(tmp_path):
                    lm_and_tokenizer=(_FakeLM(), _FakeTokenizer()))
   assert str(err.value) == "config.layer: expected < 2 (layers of fake/lm), found 5"
   assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- layout and several processes
+
+def test_plan_cuts_shards_at_windows_and_num_tokens():
+  s = spec(windows_per_shard=3, num_tokens=100)  # T = 17: 16 rows per window without BOS
+  windows = list(_windows_with_docs(10, s.context_length))
+  plan = list(harvest.plan_shards(iter(windows), s))
+  kept = [int(np.sum(w != BOS)) for w in windows]
+  assert [p.index for p in plan] == [0, 1, 2]
+  assert [p.first_window for p in plan] == [0, 3, 6]
+  assert [len(p.windows) for p in plan] == [3, 3, len(plan[2].rows)]
+  rows = [r for p in plan for r in p.rows]
+  assert sum(rows) == 100 and rows[:-1] == kept[:len(rows) - 1] and rows[-1] <= kept[len(rows) - 1]
+  assert plan[1].windows_sha256 == harvest._windows_digest(windows[3:6])
+  # The text runs out mid-shard: a short last shard, nothing after it.
+  short = list(harvest.plan_shards(iter(windows[:4]), spec(windows_per_shard=3)))
+  assert [len(p.windows) for p in short] == [3, 1]
+  assert [harvest.shard_owner(k, 3) for k in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+
+
+def _thread_processes(count: int) -> list[harvest.Processes]:
+  """`count` Processes of threads in this process: allgather through a barrier."""
+  barrier, codes = threading.Barrier(count, timeout=60), [None] * count
+
+  def member(p: int) -> harvest.Processes:
+    def allgather(code: int) -> list[int]:
+      codes[p] = code
+      barrier.wait()
+      out = list(codes)
+      barrier.wait()  # nobody overwrites its code before everyone has read them
+      return out
+    return harvest.Processes(p, count, allgather)
+  return [member(p) for p in range(count)]
+
+
+def _harvest_in_threads(folder, windows, s, count, creation_config=None):
+  """Harvests as `count` processes (threads); returns (manifests, failures, the windows fed to
+  each LM call) by process."""
+  manifests, failures, fed = [None] * count, [None] * count, [[] for _ in range(count)]
+
+  def run(processes: harvest.Processes) -> None:
+    def act(tokens):
+      fed[processes.index].append(tokens.copy())
+      return fake_activations(s.d_model)(tokens)
+    try:
+      manifests[processes.index] = harvest.harvest(str(folder), iter(windows), act, s,
+                                                   creation_config, False, processes)
+    except Exception as e:  # noqa: BLE001 (the test inspects it)
+      failures[processes.index] = e
+  threads = [threading.Thread(target=run, args=(p,)) for p in _thread_processes(count)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  return manifests, failures, fed
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_processes_harvest_their_own_shards_into_the_folder_of_one(tmp_path, count):
+  s = spec(windows_per_shard=3, batch_size=6, num_tokens=350)
+  windows = list(_windows_with_docs(30, s.context_length))
+  one, many = tmp_path / "one", tmp_path / "many"
+  harvest.harvest(str(one), iter(windows), fake_activations(8), s, {"r": 1}, progress=False)
+  manifests, failures, fed = _harvest_in_threads(many, windows, s, count, {"r": 1})
+  assert failures == [None] * count
+  assert all(m == json.loads((one / "manifest.json").read_text()) for m in manifests)
+  assert _snapshot(many) == _snapshot(one)  # no progress or temp files left
+  assert len({len(calls) for calls in fed}) == 1  # lockstep: as many LM calls everywhere
+  digests = [harvest._windows_digest([w]) for w in windows]
+  for p, calls in enumerate(fed):
+    assert all(c.shape == (6 // count, s.context_length) for c in calls)
+    for w in np.concatenate(calls):
+      if (w != BOS).any():  # not padding: a window of a shard this process owns
+        k = digests.index(harvest._windows_digest([w])) // 3
+        assert harvest.shard_owner(k, count) == p
+
+
+def test_a_failed_process_stops_the_others_and_any_process_count_resumes(tmp_path, monkeypatch):
+  s = spec(windows_per_shard=2, batch_size=2, num_tokens=300)
+  windows = list(_windows_with_docs(24, s.context_length))
+  one, cut = tmp_path / "one", tmp_path / "cut"
+  harvest.harvest(str(one), iter(windows), fake_activations(8), s, progress=False)
+  write_atomic = shards.write_atomic
+
+  def disk_full(path, data):
+    if path.endswith(shards.acts_name(5)):  # shard 5: process 1's third shard
+      raise OSError(28, "No space left on device", path)
+    write_atomic(path, data)
+  monkeypatch.setattr(shards, "write_atomic", disk_full)
+  _, failures, _ = _harvest_in_threads(cut, windows, s, 2)
+  assert isinstance(failures[1], OSError) and "writing shard 5 into" in str(failures[1])
+  assert isinstance(failures[0], errors.DataError)
+  assert "process 1 of 2 failed" in str(failures[0])
+  assert sorted(_progress(cut, 1)) == [1, 3] and 0 in _progress(cut, 0)
+  assert not json.loads((cut / "manifest.json").read_text())["complete"]
+  monkeypatch.setattr(shards, "write_atomic", write_atomic)
+  s3 = dataclasses.replace(s, batch_size=3)  # may change on resume (one window per process)
+  manifests, failures, fed = _harvest_in_threads(cut, windows, s3, 3)
+  assert failures == [None] * 3
+  assert _snapshot(cut) == _snapshot(one)
+  assert sum(len(c) for calls in fed for c in calls) < 2 * len(windows)  # finished shards skipped
+
+
+def test_resumes_a_partial_manifest_of_earlier_versions(tmp_path):
+  """Single-process harvests of earlier versions listed finished shards in a partial
+  manifest.json; a re-run (here by 2 processes) continues from it."""
+  s = spec(windows_per_shard=2, batch_size=2)
+  windows = list(_windows_with_docs(9, s.context_length))
+  one, old = tmp_path / "one", tmp_path / "old"
+  harvest.harvest(str(one), iter(windows), fake_activations(8), s, {"r": 1}, progress=False)
+  shutil.copytree(one, old)
+  m = json.loads((old / "manifest.json").read_text())
+  for e in m["shards"][2:]:
+    os.remove(old / e["file"])
+    os.remove(old / e["ctx_file"])
+  m.update(shards=m["shards"][:2], complete=False, normalisation=None,
+           token_count=sum(e["tokens"] for e in m["shards"][:2]), num_windows=4)
+  (old / "manifest.json").write_text(json.dumps(m, indent=2))
+  calls = []
+
+  def act(tokens):
+    calls.append(tokens)
+    return fake_activations(8)(tokens)
+  harvest.harvest(str(old), iter(windows), act, s, {"r": 1}, progress=False)
+  assert _snapshot(old) == _snapshot(one)
+  assert len(calls) == 3  # shards 2, 3, 4 only (a batch each)
+
+
+def test_process_count_must_divide_the_batch(tmp_path):
+  with pytest.raises(errors.ConfigError, match=r"batch_size=4: expected a multiple of the 3 "
+                                                   r"processes"):
+    harvest.harvest(str(tmp_path / "x"), unique_windows(4, 17), fake_activations(8),
+                    spec(batch_size=4), progress=False,
+                    processes=harvest.Processes(0, 3, lambda code: [code] * 3))
+  assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- several sites, mesh, refusals
+
+SITES = ("blocks.0.resid_post", "blocks.1.mlp_out")
+
+
+def test_one_pass_over_several_sites_equals_a_harvest_of_each(tmp_path):
+  calls = []
+  lm = (_FakeLM(lambda: calls.append(1)), _FakeTokenizer())
+  out = tmp_path / "multi"
+  manifests = harvesting.run_sites(_config(out, sites=SITES), progress=False, lm_and_tokenizer=lm)
+  assert list(manifests) == [str(out / site) for site in SITES]
+  assert sorted(os.listdir(out)) == sorted(SITES)
+  one_pass = len(calls)
+  for site in SITES:
+    layer, kind = site.split(".")[1:]
+    alone = tmp_path / "alone" / site
+    calls.clear()
+    m = harvesting.run(_config(alone, layer=int(layer), site=kind), progress=False,
+                       lm_and_tokenizer=lm)
+    assert len(calls) == one_pass  # the pass over both sites took the calls of one
+    assert m["site"] == site and manifests[str(out / site)]["token_count"] == 200
+    assert _snapshot(out / site) == _snapshot(alone)  # config.output_dir aside: the same bytes
+  a, b = (shards.open_shards(str(out / site)).gather(np.arange(200)) for site in SITES)
+  assert not np.array_equal(a, b)  # each folder holds its own site
+  # A re-run with one folder finished and one stopped: resumes the second only.
+  second = out / SITES[1]
+  m = json.loads((second / "manifest.json").read_text())
+  m.update(shards=m["shards"][:1], complete=False, normalisation=None,
+           token_count=m["shards"][0]["tokens"], num_windows=m["shards"][0]["windows"])
+  (second / "manifest.json").write_text(json.dumps(m, indent=2))
+  calls.clear()
+  harvesting.run_sites(_config(out, sites=SITES), progress=False, lm_and_tokenizer=lm)
+  assert _snapshot(second) == _snapshot(tmp_path / "alone" / SITES[1])
+  assert len(calls) == one_pass - 2  # every shard but the first (4 windows, 2 per call)
+
+
+def test_bfloat16_activations_are_stored_without_a_float32_copy(tmp_path, monkeypatch):
+  seen = []
+  write_shard = harvest._write_shard
+
+  def spy(folder, index, acts, *args):
+    seen.append(acts.dtype)
+    return write_shard(folder, index, acts, *args)
+  monkeypatch.setattr(harvest, "_write_shard", spy)
+  m = harvesting.run(_config(tmp_path / "out", dtype="bfloat16"), progress=False,
+                     lm_and_tokenizer=(_FakeLM(), _FakeTokenizer()))
+  assert m["dtype"] == "bfloat16" and set(seen) == {np.dtype(ml_dtypes.bfloat16)}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(sites=("blocks.0.resid_post", "blocks.x.mlp_out")), "config.sites[1]: expected "
+     "'blocks.{layer}.{kind}'"),
+    (dict(sites=("blocks.0.resid_mid",)), "config.sites[0]: expected 'blocks.{layer}.{kind}' "
+     "with kind in"),
+    (dict(sites=("blocks.0.mlp_out", "blocks.0.mlp_out")), "config.sites: expected distinct"),
+    (dict(batch_size=3, mesh={"data": 2, "model": 1, "strategy": "fsdp"}),
+     "config.batch_size: expected a multiple of mesh data=2, found 3"),
+    (dict(mesh={"data": 16, "model": 1, "strategy": "fsdp"}),
+     "config.mesh: mesh data=16 x model=1 needs 16 devices, found 8"),
+    (dict(mesh={"data": -1, "model": 3, "strategy": "fsdp"}),
+     "config.mesh: mesh.model=3 does not divide the 8 devices"),
+    (dict(mesh={"data": 1, "model": 1, "strategy": "zigzag"}), "config.mesh.strategy: expected "
+     "one of"),
+])
+def test_sites_and_mesh_are_checked_before_loading(tmp_path, monkeypatch, overrides, message):
+  monkeypatch.setattr(harvesting, "load_lm", _no_lm)
+  c = _config(tmp_path / "out")
+  for k, v in overrides.items():
+    c[k] = v
+  with pytest.raises(errors.ConfigError) as err:
+    harvesting.run_sites(c, progress=False)
+  assert message in str(err.value) and "\n" not in str(err.value)
+  assert not (tmp_path / "out").exists()
+
+
+def test_a_site_past_the_last_layer_is_refused_and_leaves_no_folder(tmp_path):
+  with pytest.raises(errors.ConfigError, match=r"config.sites: expected layers < 2 \(layers of "
+                                               r"fake/lm\), found 'blocks.2.mlp_out'"):
+    harvesting.run_sites(_config(tmp_path / "out", sites=("blocks.0.mlp_out", "blocks.2.mlp_out")),
+                         progress=False, lm_and_tokenizer=(_FakeLM(), _FakeTokenizer()))
+  assert os.listdir(tmp_path) == []
+
+
+def test_a_changed_mesh_or_batch_does_not_refuse_a_resume(tmp_path):
+  lm = (_FakeLM(), _FakeTokenizer())
+  harvesting.run(_config(tmp_path / "out"), progress=False, lm_and_tokenizer=lm)
+  c = _config(tmp_path / "out", batch_size=4)
+  c.mesh.model, c.mesh.strategy = 2, "tp"
+  assert harvesting.run(c, progress=False, lm_and_tokenizer=lm)["complete"]

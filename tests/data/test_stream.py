@@ -4,6 +4,7 @@ state and the config; on a fake LM (rows named by their token) and on the tiny G
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -190,6 +191,18 @@ def test_lm_stream_rows_are_the_lms_activations(tiny_lm, text_file, lm):
   np.testing.assert_allclose(got, expected[:len(got)] * source.scale, rtol=1e-5, atol=1e-4)
   assert source.batches.description["site"] == "blocks.1.resid_post"
   assert source.batches.description["normalisation"]["sample_tokens"] == 50
+
+
+def test_bf16_lm_feeds_a_bf16_step_bf16_rows(tiny_lm, text_file):
+  c = _config(tiny_lm, text_file)
+  c.data.lm.model_dtype, c.train.compute_dtype = "bfloat16", "bfloat16"
+  model, tokenizer = harvesting.load_lm(c.data.lm)
+  source = stream.make_lm_source(c, ONE_DEVICE, (model, tokenizer))
+  x = next(source.batches)
+  assert x.dtype == jnp.bfloat16 and x.shape == (16, 32)
+  assert source.batches.groups.get(0).dtype == jnp.bfloat16  # no float32 copy on the host
+  c.train.compute_dtype = "float32"  # a float32 step gets float32 rows
+  assert next(stream.make_lm_source(c, ONE_DEVICE, (model, tokenizer)).batches).dtype == jnp.float32
 
 
 def test_d_in_that_is_not_the_sites_width_is_refused(tiny_lm, text_file, lm):

@@ -47,7 +47,9 @@ def test_harvest_cli_matches_lm_activations(tiny_lm, tmp_path):
   acts = np.asarray(model.activations(batch, ["blocks.1.resid_post"])["blocks.1.resid_post"])
   expected = acts[batch != bos][:1500]
   got = shards.open_shards(str(tmp_path / "out")).gather(np.arange(1500))
-  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  # The harvest ran on the config's mesh (all 8 fake devices, 1 window each per call), the
+  # reference on one device: other kernels, float32 rounding apart.
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=5e-5)
   ctx = np.concatenate([shards.read_ctx(str(tmp_path / "out"), e) for e in m["shards"]])
   np.testing.assert_array_equal(ctx[:, 2], batch[batch != bos][:1500])
 
