@@ -9,6 +9,13 @@ MLP output and attention output before the output projection (our `resid_post`, 
 Gated SAE; the baselines used LR 1e-3 (7.5e-4 for attention output) with the L2 term divided by
 E||x||_2 (our activation normalisation to E||x||^2 = d_model plays that role; GATED_SAE.md
 section 4); batch 4096; resampling of dead features for the baseline.
+
+Plan it on a slice before renting one (no weights, no network; exit 1 names what does not fit):
+
+    python -m launch.harvest --config=experiments/paper_gemma7b.py --dry_run --dry_run_slice=v5e-16
+    python -m launch.train --config=experiments/paper_gemma7b.py --workdir=/tmp/p --dry_run \\
+        --dry_run_slice=8xh100
+
 What we chose where this config cannot be sure of the paper's exact value (check the paper for
 your replication): layer 20 of 28 as the default site layer, 1024-token contexts, a 2-billion
 token budget, the lambda grids below, and the Pile-like text source (set `harvest.text`).
@@ -26,6 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
   h.layer, h.site = 20, "resid_post"
   h.context_length = 1024
   h.windows_per_shard = 16            # 16 x 1023 x 3072 x 4 B = 200 MB per shard
+  h.batch_size = 32                   # windows per LM call, split over the mesh's 'data' axis
+  # Every device on 'data', LM weights split along d_model (FSDP): 32 GB of float32 Gemma-7B
+  # is 2 GiB per chip of a v5e-16. See `launch/harvest.py --dry_run --dry_run_slice=v5e-16`.
+  h.mesh.data, h.mesh.model, h.mesh.strategy = -1, 1, "fsdp"
   h.output_dir = ""                   # set by the main job under --out
   h.text.source = "hf"
   h.text.hf_name = "monology/pile-uncopyrighted"

@@ -3,21 +3,25 @@
 Layout: `<workdir>/checkpoints/<step>/{state,data,config}`. Saves are asynchronous (the train
 loop goes on while files are written) and atomic (Orbax writes a temporary directory and renames
 it), so a run killed at any moment leaves only complete checkpoints behind. Restores place every
-array directly in the shardings of the current mesh, whatever device count saved it.
+array directly in the shardings of the current mesh, whatever device count saved it. The folder
+may be local or any `etils.epath` path (gs://, ...): Orbax writes both.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import sys
 import tempfile
 import time
 from typing import Any, Iterator
 
+import jax
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
+from gsae_jax.data import storage
 from gsae_jax.errors import CheckpointError
 
 __all__ = ["CheckpointError", "Checkpointer"]
@@ -56,12 +60,12 @@ class Checkpointer:
   """Saves every `save_every` steps (and on demand), keeps the last `keep`."""
 
   def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = os.path.abspath(directory) if storage.is_local(directory) else directory
     self.save_every = save_every
     # The interval is decided here (Orbax alone would also save the first step of every run).
     options = ocp.CheckpointManagerOptions(max_to_keep=keep,
                                            enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._manager = ocp.CheckpointManager(epath.Path(self.directory), options=options)
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -112,14 +116,22 @@ class Checkpointer:
 
   def set_aside_after(self, step: int) -> None:
     """Moves checkpoints later than `step` to `<directory>_superseded/<time>/` (kept, never
-    overwritten), so that a run resumed from `step` can save those step numbers again."""
-    later_steps = [s for s in self.steps() if s > step]
-    if not later_steps:
-      return
-    aside = f"{self.directory}_superseded/{time.strftime('%Y%m%d-%H%M%S')}"
-    os.makedirs(aside, exist_ok=True)
-    for s in later_steps:
-      shutil.move(os.path.join(self.directory, str(s)), os.path.join(aside, str(s)))
+    overwritten), so that a run resumed from `step` can save those step numbers again.
+
+    Every process calls it; process 0 alone moves the (shared) folders, between two barriers so
+    that no process lists, restores or saves while the folders are being renamed."""
+    multi_process = jax.process_count() > 1
+    if multi_process:
+      multihost_utils.sync_global_devices("gsae_jax set_aside_after: before")
+    if jax.process_index() == 0:
+      later_steps = [s for s in self.steps() if s > step]
+      if later_steps:
+        aside = epath.Path(f"{self.directory}_superseded") / time.strftime("%Y%m%d-%H%M%S")
+        aside.mkdir(parents=True, exist_ok=True)
+        for s in later_steps:
+          (epath.Path(self.directory) / str(s)).rename(aside / str(s))
+    if multi_process:
+      multihost_utils.sync_global_devices("gsae_jax set_aside_after: after")
     self._manager.reload()
 
   def wait(self) -> None:

@@ -142,6 +142,7 @@ def define_flags():
   Returns the flag holders as attributes (`.distributed`, `.coordinator_address`, ...)."""
   from types import SimpleNamespace
   from absl import flags
+  from gsae_jax.plan import SLICES
   return SimpleNamespace(
       distributed=flags.DEFINE_enum(
           "distributed", "auto", list(MODES),
@@ -161,6 +162,10 @@ def define_flags():
       device_memory_gib=flags.DEFINE_float(
           "device_memory_gib", None, "Memory per device for the dry run's check (default: the "
           "accelerator's own limit; none on CPU)."),
+      dry_run_slice=flags.DEFINE_enum(
+          "dry_run_slice", None, list(SLICES), "Plan for this machine "
+          "(gsae_jax.plan.SLICES: chips and HBM per chip); sets --dry_run_devices and "
+          "--device_memory_gib unless they are given."),
   )
 
 

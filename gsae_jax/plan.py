@@ -33,6 +33,42 @@ class PlanError(ConfigError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Slice:
+  """A machine a dry run can plan for without having it: one JAX device per chip."""
+  chips: int
+  hbm_gib: float  # per chip
+  hosts: int
+  chips_per_host: int
+  source: str
+
+
+# From the vendors' pages. TPU names count TensorCores for v4 (2 per chip, one megacore JAX
+# device) and chips for v5e. HBM is the chip's capacity; XLA keeps a little for itself, so a plan
+# within ~3% of it may still fail (pass --device_memory_gib to check a tighter limit).
+SLICES: dict[str, Slice] = {
+    "v5e-16": Slice(16, 16, 4, 4, "cloud.google.com/tpu/docs/v5e: 16 GB HBM2 per chip; "
+                                  "v5litepod-16 = 4 hosts x 4 chips"),
+    "v4-32": Slice(16, 32, 4, 4, "cloud.google.com/tpu/docs/v4: 32 GiB HBM2 per chip, 2 "
+                                 "TensorCores per chip; v4-32 = 16 chips, 4 hosts x 4 chips"),
+    "8xh100": Slice(8, 80, 1, 8, "NVIDIA H100 SXM: 80 GB HBM3; one HGX H100 host holds 8"),
+}
+
+
+def slice_target(name: str | None, num_devices: int | None,
+                 memory_gib: float | None) -> tuple[int | None, float | None]:
+  """(devices, GiB per device) for a dry run: --dry_run_slice's values, unless
+  --dry_run_devices / --device_memory_gib give their own. Prints the slice it plans for."""
+  if name is None:
+    return num_devices, memory_gib
+  if name not in SLICES:
+    raise ConfigError(f"--dry_run_slice={name!r}: expected one of {sorted(SLICES)}")
+  s = SLICES[name]
+  print(f"slice {name}: {s.chips} chips, {s.hbm_gib:g} GiB HBM each, {s.hosts} host(s) x "
+        f"{s.chips_per_host} chips ({s.source})", flush=True)
+  return num_devices or s.chips, memory_gib or s.hbm_gib
+
+
+@dataclasses.dataclass(frozen=True)
 class Term:
   """One per-device memory term."""
   name: str
@@ -202,20 +238,21 @@ def lm_param_shapes(lm_config) -> dict[str, tuple[int, ...]]:
   from gsae_jax.lm.model import Transformer
   abstract = nnx.eval_shape(lambda: Transformer(lm_config))
   flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
-  return {".".join(map(str, path)): tuple(v.value.shape if hasattr(v, "value") else v.shape)
-          for path, v in flat}
+  return {".".join(map(str, path)): tuple(v.get_value().shape) for path, v in flat}
 
 
 def lm_plan(lm_config, shape: Mapping[str, int], *, batch: int, seq: int, stop_layer: int,
-            strategy: str = "fsdp_tp", dtype: Any = jnp.float32) -> Plan:
+            strategy: str = "fsdp_tp", dtype: Any = jnp.float32, sites: int = 1) -> Plan:
   """Per-device plan of one LM forward pass over [batch, seq] tokens up to block `stop_layer`
-  (harvest stops at its site), parameters laid out by `gsae_jax.lm.partition` under `strategy`."""
+  (harvest stops at its deepest site), parameters laid out by `gsae_jax.lm.partition` under
+  `strategy`, keeping `sites` [batch, seq, d_model] outputs."""
   from gsae_jax.lm import partition
   mesh = abstract_mesh(shape)
   itemsize = jnp.dtype(dtype).itemsize
   shapes = lm_param_shapes(lm_config)
-  per_device = {p: math.prod(NamedSharding(mesh, partition.spec_for(p, s, mesh, strategy))
-                             .shard_shape(s)) * itemsize for p, s in shapes.items()}
+  specs = {p: partition.spec_for(p, s, mesh, strategy) for p, s in shapes.items()}
+  per_device = {p: math.prod(NamedSharding(mesh, specs[p]).shard_shape(s)) * itemsize
+                for p, s in shapes.items()}
   full = {p: math.prod(s) * itemsize for p, s in shapes.items()}
   params = sum(per_device.values())
   data, model = shape["data"], shape["model"]
@@ -233,10 +270,13 @@ def lm_plan(lm_config, shape: Mapping[str, int], *, batch: int, seq: int, stop_l
           + 2 * rows * heads_local * seq * seq * 4
           + 3 * rows * seq * mlp_local * itemsize)
   memory = (
-      Term("params", params, f"{len(shapes)} arrays, strategy {strategy}"),
+      Term("params", params, f"{len(shapes)} arrays, strategy {strategy} (gsae_jax.lm.partition"
+                             f"): " + ", ".join(f"{p} {list(shapes[p])} {specs[p]}" for p in sorted(
+                                 shapes, key=lambda p: -math.prod(shapes[p]))[:2])),
       Term("tokens", rows * seq * 4, f"int32 [{batch}, {seq}] P('data')"),
       Term("activations", acts, "peak of one block (residual, q/k/v/z, scores, MLP hidden)"),
-      Term("site output", rows * seq * c.d_model * 4, "float32 [batch, seq, d] at the site"),
+      Term("site output", sites * rows * seq * c.d_model * 4,
+           f"{sites} x float32 [batch, seq, d] (one per hook site)"),
   )
   layers = stop_layer + 1
   block = [p for p in shapes if p.startswith("blocks.0.")]
@@ -334,35 +374,101 @@ def report(p: Plan, limit_bytes: int | None) -> str | None:
   return None
 
 
-def dry_run_sae(config, num_devices: int | None, memory_gib: float | None) -> str | None:
-  """`launch/train.py --dry_run`: prints the plan; returns the refusal message or None."""
+def grid_config(sweep_config, arch: str, grid: Sequence[float]):
+  """The training config of one architecture's grid in a sweep block (`sweep.train` with the
+  architecture's overrides), unvalidated: what `runs.sweep.grid_configs` trains."""
+  tc = sweep_config.train.copy_and_resolve_references()
+  tc.update(sweep_config.get("overrides", {}).get(arch, {}))  # e.g. the baseline's own LR
+  tc.sae.architecture = arch
+  tc.sweep.coefficient = (sweep_config.get("grid_coefficients") or {}).get(arch, "")
+  tc.sweep.grid = tuple(grid)
+  return tc
+
+
+def _is_main_job(config) -> bool:
+  """A `launch/main_job.py` config (harvest + sweep blocks) rather than one stage's config."""
+  return "harvest" in config and "sweep" in config
+
+
+def dry_run_sae(config, num_devices: int | None, memory_gib: float | None,
+                slice_name: str | None = None) -> str | None:
+  """`launch/train.py --dry_run`: prints the plan (of every architecture's grid, for a main-job
+  config, with the LM it holds for loss recovered); returns the first refusal or None."""
+  num_devices, memory_gib = slice_target(slice_name, num_devices, memory_gib)
   devices = jax.devices() if num_devices is None else None
-  p = sae_plan(config, config.data.d_in, num_devices or len(devices))
-  return report(p, parse_memory_limit(memory_gib, devices))
+  num_devices = num_devices or len(devices)
+  limit = parse_memory_limit(memory_gib, devices)
+  if not _is_main_job(config):
+    return report(sae_plan(config, config.data.d_in, num_devices), limit)
+  lm_params = harvest_plan(config.harvest, num_devices).term("params")
+  refusals = []
+  for arch, grid in config.sweep.grids.items():
+    if not grid:
+      continue
+    p = sae_plan(grid_config(config.sweep, arch, grid), config.sweep.train.data.d_in, num_devices)
+    p = dataclasses.replace(p, title=f"sweep grid {arch}: {p.title}", memory=p.memory + (Term(
+        "LM params", lm_params.bytes, f"held by the main job for loss recovered; {lm_params.note}"),))
+    refusals.append(report(p, limit))
+  return next((r for r in refusals if r), None)
+
+
+def _known_hf_configs() -> dict[str, Any]:
+  """transformers configs of the paper's models with the values of their config.json on the
+  Hugging Face hub (rotary settings left out: plans need shapes only; Gemma's legacy "gelu" is
+  written as the tanh form transformers reads it as), so that their dry runs need no network."""
+  from transformers import GemmaConfig, GPTNeoXConfig
+  return {
+      "google/gemma-7b": GemmaConfig(
+          vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
+          num_attention_heads=16, num_key_value_heads=16, head_dim=256,
+          hidden_act="gelu_pytorch_tanh", max_position_embeddings=8192, rms_norm_eps=1e-6,
+          bos_token_id=2, eos_token_id=1, pad_token_id=0),
+      "EleutherAI/pythia-2.8b": GPTNeoXConfig(
+          vocab_size=50304, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
+          num_attention_heads=32, hidden_act="gelu", max_position_embeddings=2048,
+          layer_norm_eps=1e-5, use_parallel_residual=True, attention_bias=True,
+          tie_word_embeddings=False, bos_token_id=0, eos_token_id=0),
+  }
 
 
 def harvest_hf_config(c):
-  """The transformers config of the harvest's model, read without its weights (config.json, or
-  a GGUF's metadata)."""
+  """The transformers config of the harvest's model, read without its weights: built in for the
+  paper's models (`_known_hf_configs`), else config.json (or a GGUF's metadata)."""
   from transformers import AutoConfig
   from gsae_jax.lm.convert import resolve
+  known = _known_hf_configs()
+  if c.model in known:
+    return known[c.model]
   where, gguf, revision = resolve(c.model, c.gguf_file or None, c.revision or None)
   if gguf is not None:
     return AutoConfig.from_pretrained(where, gguf_file=gguf)
   return AutoConfig.from_pretrained(where, revision=revision)
 
 
-def dry_run_harvest(c, num_devices: int | None, memory_gib: float | None) -> str | None:
-  """`launch/harvest.py --dry_run`: the LM forward's plan up to the site's block, with the
+def harvest_plan(c, num_devices: int) -> Plan:
+  """The harvest's LM forward plan up to its site's block on `num_devices` devices, with the
   harvest config's `mesh` (data, model, strategy; default: all devices on 'data', FSDP)."""
-  devices = jax.devices() if num_devices is None else None
+  from gsae_jax.lm.language_model import parse_site
   mesh_config = c.get("mesh") or {}
-  shape = mesh_shape(mesh_config.get("data", -1), mesh_config.get("model", 1),
-                     num_devices or len(devices))
+  shape = mesh_shape(mesh_config.get("data", -1), mesh_config.get("model", 1), num_devices)
   lm_config = lm_config_from_hf_config(harvest_hf_config(c), c.model)
-  if c.layer >= lm_config.n_layers:
-    raise PlanError(f"config.layer: expected < {lm_config.n_layers}, found {c.layer}")
+  sites = c.get("sites") or ()
+  try:  # the deepest of config.sites, else config.layer
+    layers = [parse_site(s, lm_config.n_layers)[0] for s in sites] or [
+        parse_site(f"blocks.{c.layer}.{c.site}", lm_config.n_layers)[0]]
+  except ValueError as e:
+    raise PlanError(f"config.{'sites' if sites else 'layer'}: {e}") from None
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[c.model_dtype]
-  p = lm_plan(lm_config, shape, batch=c.batch_size, seq=c.context_length, stop_layer=c.layer,
-              strategy=mesh_config.get("strategy", "fsdp"), dtype=dtype)
+  return lm_plan(lm_config, shape, batch=c.batch_size, seq=c.context_length,
+                 stop_layer=max(layers), strategy=mesh_config.get("strategy", "fsdp"),
+                 dtype=dtype, sites=max(1, len(sites)))
+
+
+def dry_run_harvest(c, num_devices: int | None, memory_gib: float | None,
+                    slice_name: str | None = None) -> str | None:
+  """`launch/harvest.py --dry_run` (of a harvest config, or a main-job config's harvest block):
+  prints the LM's plan; returns the refusal message or None."""
+  num_devices, memory_gib = slice_target(slice_name, num_devices, memory_gib)
+  devices = jax.devices() if num_devices is None else None
+  p = harvest_plan(c.harvest if _is_main_job(c) else c, num_devices or len(devices))
   return report(p, parse_memory_limit(memory_gib, devices))

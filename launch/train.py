@@ -36,11 +36,17 @@ flags.mark_flags_as_required(["config", "workdir"])
 _DIST = distributed.define_flags()  # --distributed, --coordinator_address, ..., --dry_run
 
 
+def _dry_run(config) -> None:
+  """Shapes only: no weights, no data, no cluster; a main-job config plans each grid."""
+  refused = plan.dry_run_sae(config, _DIST.dry_run_devices.value, _DIST.device_memory_gib.value,
+                             _DIST.dry_run_slice.value)
+  sys.exit(f"dry run: {refused}" if refused else 0)
+
+
 def _main() -> None:
   config = load_config(_CONFIG)
-  if _DIST.dry_run.value:  # shapes only: no weights, no data, no cluster
-    refused = plan.dry_run_sae(config, _DIST.dry_run_devices.value, _DIST.device_memory_gib.value)
-    sys.exit(f"dry run: {refused}" if refused else 0)
+  if _DIST.dry_run.value:
+    _dry_run(config)
   distributed.initialize_from_flags(_DIST)
   training.run(config, _WORKDIR.value, _RESTORE_STEP.value, tuple(_ALLOW_CHANGES.value))
 

@@ -19,10 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gsae_jax.eval import metrics as m
-from gsae_jax.lm.language_model import replaced_nll
+from gsae_jax.lm.language_model import LOGITS_CHUNK_BYTES, replaced_nll
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,32 +90,40 @@ def _zeros(act):
 
 
 @functools.lru_cache(maxsize=None)
-def _clean_pass(graphdef, bos):
-  """jit(params, tokens) -> (CE sum, log p): the clean log-probs stay on device for the KLs."""
+def _clean_pass(graphdef, bos, chunk_bytes):
+  """jit(params, tokens) -> (CE sum, scored targets, final residual stream [batch, seq,
+  d_model]): the clean hidden states stay on device for the KLs (d_model wide, not vocab
+  wide). Sums over the global batch: the same on every process."""
   def run(params, tokens):
-    logp, nll, mask = replaced_nll(nnx.merge(graphdef, params), tokens, bos, None, None,
-                                        None, False)
-    return jnp.sum(jnp.where(mask, nll, 0.0)), logp
+    out = replaced_nll(nnx.merge(graphdef, params), tokens, bos, None, None, None, False,
+                       chunk_bytes=chunk_bytes)
+    return jnp.sum(jnp.where(out.mask, out.nll, 0.0)), jnp.sum(out.mask), out.hidden
   return jax.jit(run)
 
 
 @functools.lru_cache(maxsize=None)
-def _spliced_pass(graphdef, bos, site, fn, with_params):
-  """jit(params, tokens, fn_params, clean_logp) -> (CE sum, KL(clean || spliced) sum): one LM
-  forward gives both, so the KL costs no extra pass. Cached per fn: one compilation each."""
-  def run(params, tokens, fn_params, clean_logp):
-    logp, nll, mask = replaced_nll(nnx.merge(graphdef, params), tokens, bos, site, fn,
-                                        fn_params, with_params)
-    kl = jnp.sum(jnp.exp(clean_logp) * (clean_logp - logp), axis=-1)
-    return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(jnp.where(mask, kl, 0.0))
+def _spliced_pass(graphdef, bos, site, fn, with_params, chunk_bytes):
+  """jit(params, tokens, fn_params, clean_hidden) -> (CE sum, KL(clean || spliced) sum): one LM
+  forward gives both, so the KL costs no extra pass (only a second unembedding per chunk of
+  positions). Cached per fn: one compilation each."""
+  def run(params, tokens, fn_params, clean_hidden):
+    out = replaced_nll(nnx.merge(graphdef, params), tokens, bos, site, fn, fn_params, with_params,
+                       clean_hidden, chunk_bytes)
+    return jnp.sum(jnp.where(out.mask, out.nll, 0.0)), jnp.sum(jnp.where(out.mask, out.kl, 0.0))
   return jax.jit(run)
 
 
 def lm_losses(lm, token_batches: Iterable[np.ndarray], site: str,
-              replacements: dict[str, tuple[Callable, Any]]) -> LMPasses:
+              replacements: dict[str, tuple[Callable, Any]],
+              chunk_bytes: int = LOGITS_CHUNK_BYTES) -> LMPasses:
   """Mean next-token CE and KL(clean || spliced) over all batches, for the clean LM, the site
   zero-ablated ('zero') and each named replacement (fn, fn_params; fn_params None: fn(act)).
-  One LM forward per batch and variant, as before the KL was added."""
+  One LM forward per batch and variant, as before the KL was added; logits exist one chunk of
+  positions (at most chunk_bytes) at a time.
+
+  With an LM on a mesh over several processes, each process passes its own rows of every global
+  batch (as `LanguageModel` takes them); sums and counts are reduced over the global batch
+  inside the jitted passes, so every process returns the same means."""
   lm.site_dim(site)  # a bad site fails here, naming the valid ones
   bos = lm.config.bos_token_id
   variants = {"zero": (_zeros, None), **replacements}
@@ -124,15 +131,13 @@ def lm_losses(lm, token_batches: Iterable[np.ndarray], site: str,
   kl = dict.fromkeys(variants, 0.0)
   count = 0
   for tokens in token_batches:
-    tokens = np.asarray(tokens, np.int32)
-    count += int(np.sum(tokens[:, 1:] != bos)) if bos is not None else tokens[:, 1:].size
-    if lm.mesh is not None:  # batch on the data axis, as LanguageModel places it
-      tokens = jax.device_put(tokens, NamedSharding(lm.mesh, P("data", None)))
-    ce_sum, clean_logp = _clean_pass(lm.graphdef, bos)(lm.params, tokens)
+    tokens = lm.place_tokens(tokens)  # checked and placed on the LM's data axis, as its own losses
+    ce_sum, targets, clean_hidden = _clean_pass(lm.graphdef, bos, chunk_bytes)(lm.params, tokens)
     ce["clean"] += float(ce_sum)
+    count += int(targets)
     for name, (fn, fn_params) in variants.items():
-      run = _spliced_pass(lm.graphdef, bos, site, fn, fn_params is not None)
-      ce_sum, kl_sum = run(lm.params, tokens, fn_params, clean_logp)
+      run = _spliced_pass(lm.graphdef, bos, site, fn, fn_params is not None, chunk_bytes)
+      ce_sum, kl_sum = run(lm.params, tokens, fn_params, clean_hidden)
       ce[name] += float(ce_sum)
       kl[name] += float(kl_sum)
   if not count:

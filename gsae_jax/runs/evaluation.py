@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding
 from gsae_jax import sharding
 from gsae_jax.data import shards
 from gsae_jax.data.pipeline import ShardIterator
-from gsae_jax.errors import DataError
+from gsae_jax.errors import ConfigError, DataError
 from gsae_jax.eval import evaluate
 from gsae_jax.runs import harvesting
 from gsae_jax.sae.spec import SAESpec
@@ -48,21 +48,30 @@ def check_heldout(path: str, d_in: int, source: Mapping | None = None) -> None:
 
 def heldout_activation_batches(path: str, scale: float, max_tokens: int):
   """Batches of held-out activations in the SAE's training units (`scale` of its training run),
-  one pass, on the first device."""
+  one pass, on this process's first device (with several processes each computes the same)."""
   shard_set = shards.open_shards(path)
   batch = min(EVAL_BATCH, shard_set.num_tokens)
-  out = NamedSharding(sharding.make_mesh(1, 1), sharding.batch_spec())
+  out = NamedSharding(sharding.make_mesh(1, 1, jax.local_devices()[:1]), sharding.batch_spec())
   it = ShardIterator(shard_set, batch, out, scale, seed=0, num_epochs=1)
   return itertools.islice(it, max(1, min(max_tokens, shard_set.num_tokens) // batch))
 
 
 def heldout_token_batches(text_config, tokenizer, bos: int, num_sequences: int, batch: int):
-  """[batch, context] int32 arrays of held-out text windows."""
+  """[batch, context] int32 arrays of held-out text windows. With several processes (an LM
+  on a mesh over all of them), this process's contiguous 1/process_count of each batch's rows:
+  `evaluate.lm_losses` reduces over the global batch."""
   windows = list(itertools.islice(harvesting.text_windows(text_config, tokenizer, bos),
                                   num_sequences))
   if not windows:
     raise ValueError(f"no held-out text windows after skipping {text_config.skip_windows}")
-  return [np.stack(windows[i:i + batch]) for i in range(0, len(windows), batch)]
+  count, index = jax.process_count(), jax.process_index()
+  if count > 1 and (batch % count or len(windows) % batch):
+    raise ConfigError(f"loss recovered over {count} processes: expected lm_batch_size a multiple "
+                      f"of {count} and {len(windows)} held-out windows a multiple of it, found "
+                      f"lm_batch_size {batch}")
+  rows = batch // count
+  return [np.stack(windows[i + index * rows:i + (index + 1) * rows])
+          for i in range(0, len(windows), batch)]
 
 
 @functools.lru_cache(maxsize=None)

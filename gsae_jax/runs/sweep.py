@@ -6,7 +6,7 @@ import json
 import os
 import time
 
-from gsae_jax import configs, sharding
+from gsae_jax import configs, plan, sharding
 from gsae_jax.errors import ConfigError
 from gsae_jax.eval import report
 from gsae_jax.runs import evaluation, harvesting, target_l0, training
@@ -25,11 +25,7 @@ def grid_configs(c) -> list[tuple[str, object]]:
   for arch, grid in c.grids.items():
     if not grid:
       continue
-    tc = c.train.copy_and_resolve_references()
-    tc.update(c.get("overrides", {}).get(arch, {}))  # e.g. the baseline's own learning rate
-    tc.sae.architecture = arch
-    tc.sweep.coefficient = (c.get("grid_coefficients") or {}).get(arch, "")
-    tc.sweep.grid = tuple(grid)
+    tc = plan.grid_config(c, arch, grid)
     mesh = sharding.make_mesh(tc.mesh.data, tc.mesh.model)
     try:
       configs.validate(tc, dict(mesh.shape))

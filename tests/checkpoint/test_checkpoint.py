@@ -80,3 +80,31 @@ def test_missing_requested_step_is_a_clear_error(tiny_config, tmp_path):
   with pytest.raises(CheckpointError, match=r"no checkpoint at step 3; available: \[2, 4, 5\]"):
     Checkpointer(tmp_path / "ckpt", save_every=2, keep=5).restore(
         _abstract(tiny_config, sharding.make_mesh(1, 1)), step=3)
+
+
+def _three_steps(directory) -> Checkpointer:
+  ckpt = Checkpointer(directory, save_every=1, keep=5, async_save=False)
+  for step in (1, 2, 3):
+    ckpt.save(step, {"w": np.full(2, step, np.float32)}, {"step": step}, {})
+  return ckpt
+
+
+@pytest.mark.parametrize("index, count", [(0, 1), (0, 2), (1, 2)])
+def test_set_aside_after_moves_on_process_0_only_between_barriers(tmp_path, monkeypatch,
+                                                                 index, count):
+  from jax.experimental import multihost_utils
+  ckpt = _three_steps(tmp_path / "ckpt")
+  barriers = []
+  monkeypatch.setattr(jax, "process_index", lambda: index)
+  monkeypatch.setattr(jax, "process_count", lambda: count)
+  monkeypatch.setattr(multihost_utils, "sync_global_devices", barriers.append)
+  ckpt.set_aside_after(1)
+  moves = index == 0
+  assert sorted(os.listdir(tmp_path / "ckpt")) == (["1"] if moves else ["1", "2", "3"])
+  aside = tmp_path / "ckpt_superseded"
+  assert (sorted(os.listdir(aside / os.listdir(aside)[0])) == ["2", "3"]) if moves else (
+      not aside.exists())
+  assert barriers == ([] if count == 1 else ["gsae_jax set_aside_after: before",
+                                             "gsae_jax set_aside_after: after"])
+  if moves:  # the manager sees the moved steps gone
+    assert ckpt.steps() == [1]

@@ -11,7 +11,7 @@ from flax import nnx
 
 from gsae_jax import lm as lm_lib
 from gsae_jax.data import harvest
-from gsae_jax.errors import DataError
+from gsae_jax.errors import ConfigError, DataError
 from gsae_jax.eval import evaluate, metrics
 from gsae_jax.runs import evaluation
 from gsae_jax.sae.gated import GatedSAE
@@ -173,3 +173,19 @@ def test_evaluate_runs_checks_heldout_shards_before_evaluating(tmp_path):
     evaluation.evaluate_runs(wide, 1.0, folder, 64)  # d_in is checked without a source
   evaluation.evaluate_runs(runs, 1.0, folder, 64, source=SOURCE)
   assert runs[0]["tokens"] == 64 and np.isfinite(runs[0]["fvu"])
+
+
+@pytest.mark.parametrize("index, count", [(0, 1), (0, 2), (1, 2)])
+def test_heldout_token_batches_give_each_process_its_rows(monkeypatch, index, count):
+  from gsae_jax.runs import harvesting
+  windows = [np.full(5, i, np.int32) for i in range(12)]
+  monkeypatch.setattr(harvesting, "text_windows", lambda *a: iter(windows))
+  monkeypatch.setattr(jax, "process_index", lambda: index)
+  monkeypatch.setattr(jax, "process_count", lambda: count)
+  batches = evaluation.heldout_token_batches(None, None, 0, num_sequences=12, batch=4)
+  rows = 4 // count
+  assert [b[:, 0].tolist() for b in batches] == [
+      list(range(start + index * rows, start + (index + 1) * rows)) for start in (0, 4, 8)]
+  if count > 1:
+    with pytest.raises(ConfigError, match="lm_batch_size a multiple of 2 .* found lm_batch_size 3"):
+      evaluation.heldout_token_batches(None, None, 0, num_sequences=12, batch=3)
