@@ -131,7 +131,7 @@ def plan_shards(windows: Iterable[np.ndarray], spec: HarvestSpec) -> Iterator[Pl
       total += rows[-1]
     if not chunk:
       return
-    yield PlannedShard(index, first, tuple(chunk), tuple(rows), _windows_digest(chunk))
+    yield PlannedShard(index, first, tuple(chunk), tuple(rows), windows_digest(chunk))
     first += len(chunk)
     if len(chunk) < spec.windows_per_shard:  # the text ran out
       return
@@ -194,7 +194,7 @@ def _new_manifest(spec: HarvestSpec, creation_config: dict) -> dict:
   }
 
 
-def _windows_digest(windows: Iterable[np.ndarray]) -> str:
+def windows_digest(windows: Iterable[np.ndarray]) -> str:
   h = hashlib.sha256()
   for w in windows:
     h.update(np.ascontiguousarray(w, np.int32).tobytes())
@@ -328,7 +328,7 @@ def _resumable_on_os_error(folder: str, shard: int) -> Iterator[None]:
                   "resume", e.filename) from e
 
 
-def _kept_positions(tokens: np.ndarray, spec: HarvestSpec, budget: int) -> np.ndarray:
+def kept_positions(tokens: np.ndarray, spec: HarvestSpec, budget: int) -> np.ndarray:
   """Positions of one window whose rows are stored: BOS dropped if asked, at most `budget`."""
   keep = np.arange(spec.context_length)
   if spec.exclude_bos:
@@ -380,7 +380,7 @@ class _ShardWriter:
                         "for it")
     spec = self.folders[0].target.spec
     for i in range(len(tokens)):
-      keep = _kept_positions(tokens[i], spec, shard.rows[lo + i])
+      keep = kept_positions(tokens[i], spec, shard.rows[lo + i])
       window = np.full(len(keep), shard.first_window + lo + i)
       self.ctx.append(np.stack([window, keep, tokens[i][keep]], axis=1).astype(np.int32))
       for parts, acts in zip(self.acts, outputs):

@@ -46,24 +46,7 @@ def validate(data) -> None:
   lm = data.get("lm")
   _check(hasattr(lm, "items"), "data.lm", "a harvest-style block (model, site, layer, text, ...)",
          lm)
-  _check(isinstance(lm.model, str) and bool(lm.model), "data.lm.model",
-         "a gsae_jax.lm.load id, a local HF folder or a hub name", lm.model)
-  for field in ("gguf_file", "revision"):
-    _check(isinstance(lm[field], str), f"data.lm.{field}", "a string ('' = none)", lm[field])
-  _check(lm.model_dtype in ("float32", "bfloat16"), "data.lm.model_dtype",
-         "'float32' or 'bfloat16'", lm.model_dtype)
-  _check(lm.site in harvesting.SITE_KINDS, "data.lm.site", f"one of {harvesting.SITE_KINDS}",
-         lm.site)
-  configs.check_int(lm.layer, "data.lm.layer", 0)
-  configs.check_int(lm.context_length, "data.lm.context_length", 2, " (BOS plus one token)")
-  _check(isinstance(lm.exclude_bos, bool), "data.lm.exclude_bos", "True or False",
-         lm.exclude_bos)
-  configs.check_int(lm.batch_size, "data.lm.batch_size", 1, " (windows per LM call)")
-  configs.check_int(lm.skip_windows, "data.lm.skip_windows", 0)
-  try:
-    harvesting._validate_text(lm.text)
-  except ConfigError as e:  # its fields are named from the harvest config's root
-    raise ConfigError(str(e).replace("config.", "config.data.lm.", 1)) from None
+  harvesting.validate_lm_block(lm, "data.lm.")
 
 
 class LMGroups:
@@ -100,7 +83,7 @@ class LMGroups:
     if not windows:
       return None, None
     tokens = np.stack(windows).astype(np.int32)
-    return self._compute(g, tokens), harvest._windows_digest(tokens)
+    return self._compute(g, tokens), harvest.windows_digest(tokens)
 
   def _compute(self, g: int, tokens: np.ndarray) -> np.ndarray:
     first = g * self.buffer_windows
@@ -112,7 +95,7 @@ class LMGroups:
     # The rows a harvest stores (BOS left out as the spec says; a stream has no row budget), as
     # flat indices, so that mixing them is one gather: no third copy of the group in memory.
     T = self.spec.context_length
-    kept = np.concatenate([i * T + harvest._kept_positions(t, self.spec, T)
+    kept = np.concatenate([i * T + harvest.kept_positions(t, self.spec, T)
                            for i, t in enumerate(tokens)])
     order = permute(np.arange(len(kept)), len(kept), self.seed, g)
     return acts.reshape(-1, acts.shape[-1])[kept[order]]
@@ -221,23 +204,19 @@ class LMStream:
 def _checked_spec(lm_config, model, tokenizer, dtype: str) -> harvest.HarvestSpec:
   """What is streamed (rows in `dtype` on the host), once the LM is known; refuses a layer it
   lacks or a missing BOS."""
+  from gsae_jax.runs import harvesting  # the harvest's checks; runs is above data
+
   cfg = model.config
-  if tokenizer is None:
-    raise ConfigError(f"config.data.lm.model: no tokenizer files next to the model "
-                      f"{lm_config.model!r}")
+  bos = harvesting.checked_bos(model, tokenizer, "data.lm.", lm_config.model)
   if lm_config.layer >= cfg.n_layers:
     raise ConfigError(f"config.data.lm.layer: expected < {cfg.n_layers} (layers of "
                       f"{cfg.model_id}), found {lm_config.layer}")
-  bos = cfg.bos_token_id if cfg.bos_token_id is not None else tokenizer.bos_token_id
-  if bos is None:
-    raise ConfigError(f"config.data.lm.model: {cfg.model_id} has no BOS token id in its config "
-                      "or tokenizer")
   site = f"blocks.{lm_config.layer}.{lm_config.site}"
   # num_tokens and the shard fields only size harvests: a stream has no row budget.
   return harvest.HarvestSpec(
       model_id=cfg.model_id, revision=getattr(cfg, "revision", None), site=site,
       layer=lm_config.layer, d_model=int(model.site_dim(site)),
-      context_length=lm_config.context_length, num_tokens=0, bos_token_id=int(bos), dtype=dtype,
+      context_length=lm_config.context_length, num_tokens=0, bos_token_id=bos, dtype=dtype,
       exclude_bos=lm_config.exclude_bos, batch_size=lm_config.batch_size)
 
 

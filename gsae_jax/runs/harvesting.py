@@ -30,25 +30,34 @@ def _check(ok: bool, field: str, expected: str, found) -> None:
     raise ConfigError(f"config.{field}: expected {expected}, found {found!r}")
 
 
+def validate_lm_block(b, prefix: str = "") -> None:
+  """The fields that say which LM runs over which text (model, dtype, site, layer, windows, LM
+  batch, text), in a harvest config or a stream's `data.lm` block (`prefix` 'data.lm.')."""
+  _check(isinstance(b.model, str) and bool(b.model), f"{prefix}model",
+         "a gsae_jax.lm.load id, a local HF folder or a hub name", b.model)
+  for field in ("gguf_file", "revision"):
+    _check(isinstance(b[field], str), f"{prefix}{field}", "a string ('' = none)", b[field])
+  _check(b.model_dtype in _DTYPES, f"{prefix}model_dtype", f"one of {tuple(_DTYPES)}",
+         b.model_dtype)
+  _check(b.site in SITE_KINDS, f"{prefix}site", f"one of {SITE_KINDS}", b.site)
+  configs.check_int(b.layer, f"{prefix}layer", 0)
+  configs.check_int(b.context_length, f"{prefix}context_length", 2, " (BOS plus one token)")
+  _check(isinstance(b.exclude_bos, bool), f"{prefix}exclude_bos", "True or False", b.exclude_bos)
+  configs.check_int(b.batch_size, f"{prefix}batch_size", 1, " (windows per LM call)")
+  configs.check_int(b.skip_windows, f"{prefix}skip_windows", 0)
+  validate_text(b.text, prefix)
+
+
 def validate(c) -> None:
   """Raises ConfigError naming the first bad field; reads neither the model nor the text."""
-  _check(isinstance(c.model, str) and bool(c.model), "model",
-         "a gsae_jax.lm.load id, a local HF folder or a hub name", c.model)
-  _check(c.site in SITE_KINDS, "site", f"one of {SITE_KINDS}", c.site)
-  configs.check_int(c.layer, "layer", 0)
-  configs.check_int(c.context_length, "context_length", 2, " (BOS plus one token)")
+  validate_lm_block(c)
   configs.check_int(c.num_tokens, "num_tokens", 1)
   _check(c.dtype in shards.DTYPES, "dtype", "'float32' or 'bfloat16'", c.dtype)
-  _check(c.model_dtype in _DTYPES, "model_dtype", f"one of {tuple(_DTYPES)}", c.model_dtype)
-  _check(isinstance(c.exclude_bos, bool), "exclude_bos", "True or False", c.exclude_bos)
   _check(isinstance(c.output_dir, str) and bool(c.output_dir), "output_dir",
          "a folder for the shards", c.output_dir)
   configs.check_int(c.windows_per_shard, "windows_per_shard", 1)
-  configs.check_int(c.batch_size, "batch_size", 1)
-  configs.check_int(c.skip_windows, "skip_windows", 0)
   configs.check_int(c.normalise_sample_tokens, "normalise_sample_tokens", 1)
   configs.check_seed(c.seed, "seed")
-  _validate_text(c.text)
   _validate_sites(c.get("sites") or ())
   if c.get("mesh"):
     _validate_mesh(c.mesh)
@@ -74,21 +83,23 @@ def _site_kind(name: str) -> str | None:
   return parts[2] if ok else None
 
 
-def _validate_text(t) -> None:
-  _check(t.source in TEXT_SOURCES, "text.source", f"one of {TEXT_SOURCES}", t.source)
+def validate_text(t, prefix: str = "") -> None:
+  """The text block (`config.<prefix>text`): source and its fields."""
+  where = f"{prefix}text"
+  _check(t.source in TEXT_SOURCES, f"{where}.source", f"one of {TEXT_SOURCES}", t.source)
   if t.source == "files":
     paths = t.paths
     _check(isinstance(paths, (list, tuple)) and bool(paths) and all(
-        isinstance(p, str) for p in paths), "text.paths",
+        isinstance(p, str) for p in paths), f"{where}.paths",
            "a list of globs of .txt/.md/.jsonl/.parquet files", paths)
     _check(any(os.path.isfile(f) for p in paths
-               for f in glob.glob(os.path.expanduser(p), recursive=True)), "text.paths",
+               for f in glob.glob(os.path.expanduser(p), recursive=True)), f"{where}.paths",
            "globs matching at least one file", paths)
   if t.source in ("files", "hf"):
-    _check(isinstance(t.text_field, str) and bool(t.text_field), "text.text_field",
+    _check(isinstance(t.text_field, str) and bool(t.text_field), f"{where}.text_field",
            "the column holding the text", t.text_field)
   if t.source == "hf":
-    _check(isinstance(t.hf_name, str) and bool(t.hf_name), "text.hf_name",
+    _check(isinstance(t.hf_name, str) and bool(t.hf_name), f"{where}.hf_name",
            "a dataset name for text.source='hf'", t.hf_name)
 
 
@@ -239,11 +250,23 @@ def _remove_empty(path: str, outermost: str) -> None:
       path = os.path.dirname(path)
 
 
+def checked_bos(model, tokenizer, block: str, given: str) -> int:
+  """The LM's BOS token id (its config's, else the tokenizer's); refuses a model without
+  tokenizer files or BOS id, naming `config.<block>model` and the `given` model name."""
+  cfg = model.config
+  if tokenizer is None:
+    raise ConfigError(f"config.{block}model: no tokenizer files next to the model {given!r}")
+  bos = cfg.bos_token_id if cfg.bos_token_id is not None else tokenizer.bos_token_id
+  if bos is None:
+    raise ConfigError(f"config.{block}model: {cfg.model_id} has no BOS token id in its config "
+                      "or tokenizer")
+  return int(bos)
+
+
 def _run_locked(c, progress: bool, lm_and_tokenizer) -> dict[str, dict]:
   model, tokenizer = lm_and_tokenizer or load_lm(c)
   cfg = model.config
-  if tokenizer is None:
-    raise ConfigError(f"config.model: no tokenizer files next to the model {c.model!r}")
+  bos = checked_bos(model, tokenizer, "", c.model)
   outputs = site_folders(c)
   sites = [site or f"blocks.{c.layer}.{c.site}" for _, site in outputs]
   for site in sites:
@@ -253,10 +276,6 @@ def _run_locked(c, progress: bool, lm_and_tokenizer) -> dict[str, dict]:
   if c.layer >= cfg.n_layers and not c.get("sites"):
     raise ConfigError(f"config.layer: expected < {cfg.n_layers} (layers of {cfg.model_id}), "
                       f"found {c.layer}")
-  bos = cfg.bos_token_id if cfg.bos_token_id is not None else tokenizer.bos_token_id
-  if bos is None:
-    raise ConfigError(f"config.model: {cfg.model_id} has no BOS token id in its config or "
-                      "tokenizer")
   stored = _DTYPES[c.dtype]
 
   def activation_fn(tokens: np.ndarray) -> list[np.ndarray]:
@@ -270,12 +289,12 @@ def _run_locked(c, progress: bool, lm_and_tokenizer) -> dict[str, dict]:
         model_id=cfg.model_id, revision=getattr(cfg, "revision", None), site=site,
         layer=int(site.split(".")[1]),
         d_model=int(model.site_dim(site)),  # attn_z is n_heads * d_head, not always d_model
-        context_length=c.context_length, num_tokens=c.num_tokens, bos_token_id=int(bos),
+        context_length=c.context_length, num_tokens=c.num_tokens, bos_token_id=bos,
         dtype=c.dtype, exclude_bos=c.exclude_bos, windows_per_shard=c.windows_per_shard,
         batch_size=c.batch_size, normalise_sample_tokens=c.normalise_sample_tokens, seed=c.seed)
     targets.append(harvest.Target(folder, spec, creation_config(c, folder, given)))
   processes = harvest.Processes(jax.process_index(), jax.process_count(), _allgather)
-  manifests = harvest.harvest_targets(targets, text_windows(c, tokenizer, int(bos)),
+  manifests = harvest.harvest_targets(targets, text_windows(c, tokenizer, bos),
                                       activation_fn, progress, processes)
   return {t.folder: m for t, m in zip(targets, manifests)}
 

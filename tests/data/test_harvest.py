@@ -185,7 +185,7 @@ def test_resume_refuses_changed_text_and_leaves_the_folder_as_it_was(tmp_path):
   assert _snapshot(tmp_path) == before
   m = harvest.harvest(str(tmp_path), iter(windows), fake_activations(8), s, progress=False)
   assert m["complete"] and not any(f.endswith(".tmp") for f in os.listdir(tmp_path))
-  assert m["shards"][0]["windows_sha256"] == harvest._windows_digest(windows[:4])
+  assert m["shards"][0]["windows_sha256"] == harvest.windows_digest(windows[:4])
 
 
 def test_write_error_surfaces_on_one_line_and_leaves_a_resumable_folder(tmp_path, monkeypatch):
@@ -369,7 +369,7 @@ def test_plan_cuts_shards_at_windows_and_num_tokens():
   assert [len(p.windows) for p in plan] == [3, 3, len(plan[2].rows)]
   rows = [r for p in plan for r in p.rows]
   assert sum(rows) == 100 and rows[:-1] == kept[:len(rows) - 1] and rows[-1] <= kept[len(rows) - 1]
-  assert plan[1].windows_sha256 == harvest._windows_digest(windows[3:6])
+  assert plan[1].windows_sha256 == harvest.windows_digest(windows[3:6])
   # The text runs out mid-shard: a short last shard, nothing after it.
   short = list(harvest.plan_shards(iter(windows[:4]), spec(windows_per_shard=3)))
   assert [len(p.windows) for p in short] == [3, 1]
@@ -424,12 +424,12 @@ def test_processes_harvest_their_own_shards_into_the_folder_of_one(tmp_path, cou
   assert all(m == json.loads((one / "manifest.json").read_text()) for m in manifests)
   assert _snapshot(many) == _snapshot(one)  # no progress or temp files left
   assert len({len(calls) for calls in fed}) == 1  # lockstep: as many LM calls everywhere
-  digests = [harvest._windows_digest([w]) for w in windows]
+  digests = [harvest.windows_digest([w]) for w in windows]
   for p, calls in enumerate(fed):
     assert all(c.shape == (6 // count, s.context_length) for c in calls)
     for w in np.concatenate(calls):
       if (w != BOS).any():  # not padding: a window of a shard this process owns
-        k = digests.index(harvest._windows_digest([w])) // 3
+        k = digests.index(harvest.windows_digest([w])) // 3
         assert harvest.shard_owner(k, count) == p
 
 
