@@ -28,11 +28,10 @@ import numpy as np
 
 from gsae_jax.data.permutation import permute
 from gsae_jax.data.shards import ShardSet, first_non_finite, non_finite_error
-from gsae_jax.data.storage import RangeReader
+from gsae_jax.data.storage import READ_THREADS, RangeReader
 from gsae_jax.errors import ConfigError
 
 _GROUP_KEY = 1  # ends the key of a group's row order, apart from the block order's (seed, epoch)
-READ_THREADS = 16  # concurrent block reads per process: a bucket serves requests in parallel
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import hashlib
 import itertools
 import json
@@ -40,7 +39,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import tqdm
 
-from gsae_jax.data import shards
+from gsae_jax.data import shards, storage
 from gsae_jax.data.normalise import scale_for_mean_sq
 from gsae_jax.errors import ConfigError, DataError, RunMismatch
 
@@ -163,7 +162,7 @@ def _differences(old: dict, new: dict, part: str) -> list[str]:
 
 def _refuse_other_config(folder: str, diff: list[str]) -> None:
   if diff:
-    raise RunMismatch(f"{os.path.join(folder, shards.MANIFEST)}: holds a harvest with another "
+    raise RunMismatch(f"{storage.join(folder, shards.MANIFEST)}: holds a harvest with another "
                       f"config, refusing to mix them ({'; '.join(diff[:5])}); use a new "
                       "output_dir")
 
@@ -204,18 +203,17 @@ def windows_digest(windows: Iterable[np.ndarray]) -> str:
 # ---- progress: what is done, from the manifest and every process's part file ------------------
 
 def _part_path(folder: str, process: int) -> str:
-  return os.path.join(folder, PROGRESS_DIR, f"process_{process}.json")
+  return storage.join(storage.join(folder, PROGRESS_DIR), f"process_{process}.json")
 
 
 def _part_paths(folder: str) -> list[str]:
-  return sorted(glob.glob(os.path.join(folder, PROGRESS_DIR, "process_*.json")))
+  return sorted(storage.matching(storage.join(folder, PROGRESS_DIR), "process_*.json"))
 
 
 def _read_part(path: str) -> dict[int, dict]:
   """{shard index: entry} of one process's part file."""
   try:
-    with open(path) as f:
-      return {int(k): e for k, e in json.load(f)["shards"].items()}
+    return {int(k): e for k, e in json.loads(storage.read_bytes(path))["shards"].items()}
   except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     raise DataError(f"{path}: not a harvest progress file ({e}); delete the output dir to start "
                     "over") from None
@@ -239,7 +237,7 @@ def _read_folder(target: Target, process: int) -> _Folder:
   """The target's progress; refuses a folder harvested with another spec or config."""
   folder, spec = target.folder, target.spec
   manifest = None
-  if os.path.exists(os.path.join(folder, shards.MANIFEST)):
+  if storage.exists(storage.join(folder, shards.MANIFEST)):
     manifest = shards.read_manifest(folder)
     _refuse_other_config(folder, _differences(manifest.get("spec", {}), dataclasses.asdict(spec),
                                               "spec")
@@ -255,7 +253,7 @@ def _read_folder(target: Target, process: int) -> _Folder:
   for path in parts:
     done.update(_read_part(path))
   mine_path = _part_path(folder, process)
-  mine = _read_part(mine_path) if os.path.exists(mine_path) else {}
+  mine = _read_part(mine_path) if storage.exists(mine_path) else {}
   return _Folder(target, manifest, done, mine)
 
 
@@ -265,8 +263,8 @@ def _check_owned_checksums(f: _Folder, processes: Processes) -> None:
   for k, entry in sorted(f.done.items()):
     if shard_owner(k, processes.count) != processes.index:
       continue
-    path = os.path.join(f.target.folder, entry["file"])
-    if not os.path.exists(path) or shards.sha256_file(path) != entry["sha256"]:
+    path = storage.join(f.target.folder, entry["file"])
+    if not storage.exists(path) or shards.sha256_file(path) != entry["sha256"]:
       raise DataError(f"shard {path}: listed as harvested but missing or changed; delete the "
                       "output dir to start over")
 
@@ -277,7 +275,7 @@ def _check_text(f: _Folder, shard: PlannedShard) -> None:
   entry = f.done.get(shard.index)
   if entry is None:
     return
-  where = os.path.join(f.target.folder, shards.MANIFEST)
+  where = storage.join(f.target.folder, shards.MANIFEST)
   if len(shard.windows) < entry["windows"]:
     _refuse_ran_out(where, shard.index)
   expected = entry.get("windows_sha256")  # absent in manifests written before it was recorded
@@ -310,7 +308,7 @@ def _verified(plan: Iterator[PlannedShard], folders: list[_Folder],
       break
   if seen < last:  # the plan ended before a finished shard
     missing = min(k for f in folders for k in f.done if k > seen)
-    _refuse_ran_out(os.path.join(folders[0].target.folder, shards.MANIFEST), missing)
+    _refuse_ran_out(storage.join(folders[0].target.folder, shards.MANIFEST), missing)
   return itertools.chain(head, plan)
 
 
@@ -341,8 +339,8 @@ def _write_shard(folder: str, index: int, acts: np.ndarray, ctx: np.ndarray, n_w
   acts_bytes = np.ascontiguousarray(acts, dtype).tobytes()  # no copy before this when stored dtype
   ctx_bytes = np.ascontiguousarray(ctx, np.int32).tobytes()
   # ctx first: a shard counts as written once its acts file and its progress entry exist.
-  shards.write_atomic(os.path.join(folder, shards.ctx_name(index)), ctx_bytes)
-  shards.write_atomic(os.path.join(folder, shards.acts_name(index)), acts_bytes)
+  shards.write_atomic(storage.join(folder, shards.ctx_name(index)), ctx_bytes)
+  shards.write_atomic(storage.join(folder, shards.acts_name(index)), acts_bytes)
   return {"file": shards.acts_name(index), "ctx_file": shards.ctx_name(index),
           "tokens": int(acts.shape[0]), "windows": n_windows, "windows_sha256": windows_sha256,
           "sha256": hashlib.sha256(acts_bytes).hexdigest(),
@@ -399,7 +397,7 @@ class _ShardWriter:
         entry = _write_shard(folder, shard.index, np.concatenate(acts), ctx, len(shard.windows),
                              shard.windows_sha256, shards.DTYPES[f.target.spec.dtype])
         f.done[shard.index] = f.mine[shard.index] = entry
-        os.makedirs(os.path.join(folder, PROGRESS_DIR), exist_ok=True)
+        storage.makedirs(storage.join(folder, PROGRESS_DIR))
         shards.write_atomic(_part_path(folder, self.processes.index),
                             json.dumps({"shards": f.mine}, indent=1).encode())
     self.shard, self.acts, self.ctx = None, [], []
@@ -485,10 +483,10 @@ def _start(folders: list[_Folder]) -> None:
   short and writes the manifest of a new harvest (its config, no shards yet)."""
   for f in folders:
     folder = f.target.folder
-    os.makedirs(folder, exist_ok=True)
-    for stale in glob.glob(os.path.join(folder, "*.tmp")) + glob.glob(
-        os.path.join(folder, PROGRESS_DIR, "*.tmp")):
-      os.remove(stale)  # a write cut short by the stop we are resuming from
+    storage.makedirs(folder)
+    for stale in storage.matching(folder, "*.tmp") + storage.matching(
+        storage.join(folder, PROGRESS_DIR), "*.tmp"):
+      storage.remove(stale)  # a write cut short by the stop we are resuming from
     if f.manifest is None:
       shards.write_manifest(folder, _new_manifest(f.target.spec, f.target.creation_config))
 
@@ -509,9 +507,8 @@ def _commit(target: Target, num_shards: int) -> None:
     manifest["num_windows"] = sum(e["windows"] for e in manifest["shards"])
     shards.write_manifest(folder, manifest)  # partial, every shard listed: a resumable state
     for path in _part_paths(folder):
-      os.remove(path)
-    with contextlib.suppress(OSError):
-      os.rmdir(os.path.join(folder, PROGRESS_DIR))
+      storage.remove(path)
+    storage.remove_empty_dir(storage.join(folder, PROGRESS_DIR))
     manifest["normalisation"] = _normalisation(folder, spec)
     manifest["complete"] = True
     shards.write_manifest(folder, manifest)
@@ -548,7 +545,8 @@ def _check_targets(targets: Sequence[Target], processes: Processes) -> HarvestSp
         raise ValueError(f"harvest targets {targets[0].folder} and {t.folder}: {field} "
                          f"{getattr(targets[0].spec, field)} != {getattr(s, field)}; one pass "
                          "feeds folders of the same windows and rows")
-  folders = [os.path.abspath(t.folder) for t in targets]
+  folders = [os.path.abspath(t.folder) if storage.is_local(t.folder) else t.folder
+             for t in targets]
   if len(set(folders)) < len(folders):
     raise ValueError(f"harvest targets: expected distinct folders, found {folders}")
   spec = targets[0].spec

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from gsae_jax.data import storage
 from gsae_jax.data.block_shuffle import (
   BlockLayout,
   BlockReader,
@@ -30,6 +31,7 @@ from gsae_jax.data.block_shuffle import (
 from gsae_jax.data.permutation import permute
 from gsae_jax.data.shards import DTYPES, ShardSet, first_non_finite, non_finite_error
 from gsae_jax.data.storage import FileReader, RangeReader
+from gsae_jax.errors import DataError
 
 _FOREVER = sys.maxsize // 2  # batches in an endless stream (Grain needs a length)
 
@@ -75,6 +77,10 @@ class ShardIterator:
     self.dtype = (shard_set.dtype if keep_bf16 and shard_set.dtype == DTYPES["bfloat16"]
                   else np.dtype(np.float32))
     if block is None:
+      if not storage.is_local(shard_set.folder):
+        raise DataError(f"shard folder {shard_set.folder}: the global shuffle reads rows one by "
+                        "one, which needs a local folder; read remote or slow storage with "
+                        "config.data.shuffle='block'")
       self._local_rows = self._gather
       self.num_batches = (num_epochs * shard_set.num_tokens // global_batch if num_epochs
                           else _FOREVER)

@@ -9,6 +9,7 @@ epath's GCS backend installed (`gcsfs`, or TensorFlow's gfile).
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 import threading
 from typing import BinaryIO, Iterator, Protocol
@@ -18,6 +19,7 @@ from etils import epath
 from gsae_jax.errors import DataError
 
 PathLike = str | os.PathLike
+READ_THREADS = 16  # concurrent range reads of a remote file: a bucket serves requests in parallel
 
 
 def is_local(path: PathLike) -> bool:
@@ -47,6 +49,27 @@ def list_names(folder: PathLike) -> list[str]:
   if is_local(folder):
     return sorted(os.listdir(folder))
   return sorted(p.name for p in epath.Path(folder).iterdir())
+
+
+def matching(folder: PathLike, pattern: str) -> list[str]:
+  """Paths of the folder's entries whose names match the glob `pattern` (none if no folder)."""
+  if not is_dir(folder):
+    return []
+  return [join(folder, n) for n in list_names(folder) if fnmatch.fnmatch(n, pattern)]
+
+
+def remove(path: PathLike) -> None:
+  if is_local(path):
+    os.remove(path)
+  else:
+    epath.Path(path).unlink()
+
+
+def remove_empty_dir(folder: PathLike) -> None:
+  """Removes the folder if it is empty (object stores have no empty folders: nothing to do)."""
+  if is_local(folder):
+    with contextlib.suppress(OSError):
+      os.rmdir(folder)
 
 
 def size(path: PathLike) -> int:

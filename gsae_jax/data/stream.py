@@ -133,7 +133,8 @@ def first_rows_mean_sq(groups: LMGroups, num_rows: int) -> tuple[float, int]:
 
 class LMStream:
   """`BatchIterator` over an `LMGroups` stream: [batch, d] rows (float32, or bfloat16 when the LM
-  and the step both compute in bf16) times `scale`, placed with `sharding`. State: group, offset in it and batches done, plus what must match on restore."""
+  and the step both compute in bf16) times `scale`, placed with `sharding`. State: group, offset
+  in it and batches done, plus what must match on restore."""
 
   def __init__(self, groups: LMGroups, batch_size: int, sharding: NamedSharding,
                scale: float = 1.0, description: dict | None = None):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gsae_jax import configs, distributed, locking, sharding
-from gsae_jax.data import harvest, shards, text
+from gsae_jax.data import harvest, shards, storage, text
 from gsae_jax.errors import ConfigError
 
 SITE_KINDS = ("resid_pre", "resid_post", "mlp_out", "attn_out", "attn_z")
@@ -117,8 +117,20 @@ def check_output_dir(c) -> None:
   """Refuses, before the LM is loaded, an output_dir the harvest cannot use: a file, a place
   that cannot be written, or a folder holding a harvest made with another config (the
   creation config in its manifest; `harvest.harvest_targets` checks the rest once the LM is
-  known). With `config.sites`, each site's folder under output_dir is checked."""
+  known). With `config.sites`, each site's folder under output_dir is checked. On an object
+  store (gs://, ...) only the manifests are checked: it has no folders or permissions to ask."""
   out = c.output_dir
+  if storage.is_local(out):
+    _check_local_output_dir(out)
+  for folder, site in site_folders(c):
+    if storage.is_local(folder) and os.path.exists(folder) and not os.path.isdir(folder):
+      raise ConfigError(f"config.sites: expected a folder for {site}, found a file at {folder}")
+    if storage.exists(storage.join(folder, shards.MANIFEST)):
+      harvest.check_creation_config(folder, shards.read_manifest(folder),
+                                    creation_config(c, folder, site))
+
+
+def _check_local_output_dir(out: str) -> None:
   if os.path.exists(out) and not os.path.isdir(out):
     raise ConfigError(f"config.output_dir: expected a folder, found a file at {out}")
   missing = _outermost_missing(out)
@@ -128,12 +140,6 @@ def check_output_dir(c) -> None:
                       f"(above {out})")
   if not os.access(above, os.W_OK | os.X_OK):
     raise ConfigError(f"config.output_dir: cannot write {out}: {above} is not writable")
-  for folder, site in site_folders(c):
-    if os.path.exists(folder) and not os.path.isdir(folder):
-      raise ConfigError(f"config.sites: expected a folder for {site}, found a file at {folder}")
-    if os.path.exists(os.path.join(folder, shards.MANIFEST)):
-      harvest.check_creation_config(folder, shards.read_manifest(folder),
-                                    creation_config(c, folder, site))
 
 
 def site_folders(c) -> list[tuple[str, str | None]]:
@@ -141,7 +147,7 @@ def site_folders(c) -> list[tuple[str, str | None]]:
   once the LM is known), else output_dir/<site> for each name in `config.sites`."""
   if not c.get("sites"):
     return [(c.output_dir, None)]
-  return [(os.path.join(c.output_dir, site), site) for site in c.sites]
+  return [(storage.join(c.output_dir, site), site) for site in c.sites]
 
 
 def creation_config(c, folder: str, site: str | None) -> dict:
@@ -218,7 +224,8 @@ def run_sites(c, progress: bool = True, lm_and_tokenizer=None) -> dict[str, dict
   _check_batch_on_mesh(c, lm_mesh(c) if lm_and_tokenizer is None
                        else getattr(lm_and_tokenizer[0], "mesh", None))
   folders = [folder for folder, _ in site_folders(c)]
-  created = [_outermost_missing(folder) for folder in folders]
+  created = [_outermost_missing(folder) if storage.is_local(folder) else None
+             for folder in folders]
   try:
     with contextlib.ExitStack() as locks:
       for folder in folders:

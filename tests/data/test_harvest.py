@@ -582,3 +582,29 @@ def test_a_changed_mesh_or_batch_does_not_refuse_a_resume(tmp_path):
   c = _config(tmp_path / "out", batch_size=4)
   c.mesh.model, c.mesh.strategy = 2, "tp"
   assert harvesting.run(c, progress=False, lm_and_tokenizer=lm)["complete"]
+
+
+def test_a_harvest_into_an_object_store_equals_a_local_one(tmp_path, monkeypatch):
+  """gs:// and friends go through etils.epath (no temp files, no flock, no empty folders): here
+  the local disk through that code path, by making `storage.is_local` answer False for it."""
+  from gsae_jax.data import storage
+  bucket = str(tmp_path / "bucket")
+  local_path, remote_calls = storage.is_local, []
+
+  def is_local(path):
+    if os.fspath(path).startswith(bucket):
+      remote_calls.append(path)
+      return False
+    return local_path(path)
+  monkeypatch.setattr(storage, "is_local", is_local)
+  s = spec(windows_per_shard=4, num_tokens=300)
+  windows = list(_windows_with_docs(30, s.context_length))
+  one = tmp_path / "local"
+  harvest.harvest(str(one), iter(windows), fake_activations(8), s, {"r": 1}, progress=False)
+  remote = tmp_path / "bucket" / "acts"
+  _partial_harvest(remote, s, windows, {"r": 1})  # stopped by a crash, then resumed
+  manifests, failures, _ = _harvest_in_threads(remote, windows, s, 2, {"r": 1})
+  assert failures == [None, None] and remote_calls
+  assert _snapshot(remote) == _snapshot(one)
+  assert manifests[0]["normalisation"] == json.loads((one / "manifest.json").read_text())[
+      "normalisation"]  # the sample read through byte ranges, not memory maps
