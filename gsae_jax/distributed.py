@@ -137,13 +137,14 @@ def to_host(tree: Any) -> Any:
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def define_flags():
-  """The absl flags every launch/ entry point shares: multi-process start and the dry run.
-  Returns the flag holders as attributes (`.distributed`, `.coordinator_address`, ...)."""
+def define_flags(dry_run: bool = True):
+  """The absl flags every launch/ entry point shares: multi-process start and (with `dry_run`)
+  the dry run. Returns the flag holders as attributes (`.distributed`, `.coordinator_address`,
+  ...)."""
   from types import SimpleNamespace
   from absl import flags
   from gsae_jax.plan import SLICES
-  return SimpleNamespace(
+  holders = SimpleNamespace(
       distributed=flags.DEFINE_enum(
           "distributed", "auto", list(MODES),
           "Multi-process start: 'auto' initialises jax.distributed when the flags below, "
@@ -154,19 +155,22 @@ def define_flags():
           "local multi-process runs)."),
       num_processes=flags.DEFINE_integer("num_processes", None, "Processes in the job."),
       process_id=flags.DEFINE_integer("process_id", None, "This process's index in [0, n)."),
-      dry_run=flags.DEFINE_boolean(
-          "dry_run", False, "Print the per-device memory and communication plan from abstract "
-          "shapes (no weights, no data) and exit; refuses (exit 1) a plan that does not fit."),
-      dry_run_devices=flags.DEFINE_integer(
-          "dry_run_devices", None, "Devices to plan for (default: the devices present)."),
-      device_memory_gib=flags.DEFINE_float(
-          "device_memory_gib", None, "Memory per device for the dry run's check (default: the "
-          "accelerator's own limit; none on CPU)."),
-      dry_run_slice=flags.DEFINE_enum(
-          "dry_run_slice", None, list(SLICES), "Plan for this machine "
-          "(gsae_jax.plan.SLICES: chips and HBM per chip); sets --dry_run_devices and "
-          "--device_memory_gib unless they are given."),
   )
+  if not dry_run:
+    return holders
+  holders.dry_run = flags.DEFINE_boolean(
+      "dry_run", False, "Print the per-device memory and communication plan from abstract "
+      "shapes (no weights, no data) and exit; refuses (exit 1) a plan that does not fit.")
+  holders.dry_run_devices = flags.DEFINE_integer(
+      "dry_run_devices", None, "Devices to plan for (default: the devices present).")
+  holders.device_memory_gib = flags.DEFINE_float(
+      "device_memory_gib", None, "Memory per device for the dry run's check (default: the "
+      "accelerator's own limit; none on CPU).")
+  holders.dry_run_slice = flags.DEFINE_enum(
+      "dry_run_slice", None, list(SLICES), "Plan for this machine "
+      "(gsae_jax.plan.SLICES: chips and HBM per chip); sets --dry_run_devices and "
+      "--device_memory_gib unless they are given.")
+  return holders
 
 
 def initialize_from_flags(holders) -> bool:

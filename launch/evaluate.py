@@ -7,6 +7,10 @@ Reads the latest checkpoint of DIR (a `launch.train` workdir; a lambda sweep eva
 member) and writes `DIR/eval.json`, `DIR/density[_<member>].png`, SAEBench's core-eval layout
 `DIR/eval_saebench_core[_<member>].json`, and the results to TensorBoard (`DIR/tensorboard`, at
 the checkpoint's step). Without --model only activation metrics are computed.
+
+Several processes (`--distributed`, `--coordinator_address`, ...; one per host) run the LM on a
+mesh over all of them, each passing its own rows of every LM batch (`--lm_batch_size` a multiple
+of the process count); losses are reduced over the global batch and process 0 writes the files.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 from absl import app, flags
 
 from experiments import harvest_gemma3_270m
+from gsae_jax import distributed
 from gsae_jax.data.shards import write_atomic
 from gsae_jax.eval import report, saebench
 from gsae_jax.runs import evaluation, exporting, harvesting, live_metrics
@@ -34,8 +39,11 @@ _NUM_SEQ = flags.DEFINE_integer("num_sequences", 32, "Held-out sequences for los
 _CONTEXT = flags.DEFINE_integer("context_length", 128, "Tokens per held-out sequence.")
 _LM_BATCH = flags.DEFINE_integer("lm_batch_size", 8, "Sequences per LM call.")
 flags.mark_flag_as_required("workdir")
+_DIST = distributed.define_flags(dry_run=False)
+
 
 def _main() -> None:
+  distributed.initialize_from_flags(_DIST)
   trained = exporting.load_trained(_WORKDIR.value, _STEP.value)
   spec, source = trained.spec, trained.source
   runs = [{"name": f"{spec.name}_{i}", "architecture": spec.name,
@@ -60,6 +68,8 @@ def _main() -> None:
                         dataset=text_config.text.source, llm_dtype=text_config.model_dtype)
   elif _EVAL_SHARDS.value:
     bench_config["dataset"] = _EVAL_SHARDS.value
+  if not distributed.is_primary():
+    return  # every process computed the same results; process 0 writes them
   with live_metrics.LiveMetrics(_WORKDIR.value) as board:
     for i, r in enumerate(runs):
       suffix = f"_{i}" if spec.sweep else ""

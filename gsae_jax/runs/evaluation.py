@@ -52,7 +52,8 @@ def heldout_activation_batches(path: str, scale: float, max_tokens: int):
   shard_set = shards.open_shards(path)
   batch = min(EVAL_BATCH, shard_set.num_tokens)
   out = NamedSharding(sharding.make_mesh(1, 1, jax.local_devices()[:1]), sharding.batch_spec())
-  it = ShardIterator(shard_set, batch, out, scale, seed=0, num_epochs=1)
+  it = ShardIterator(shard_set, batch, out, scale, seed=0, num_epochs=1, process_index=0,
+                     process_count=1)  # whole batches: the device is this process's own
   return itertools.islice(it, max(1, min(max_tokens, shard_set.num_tokens) // batch))
 
 

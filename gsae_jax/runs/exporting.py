@@ -28,7 +28,8 @@ class TrainedSAE:
 
 
 def load_trained(workdir: str, step: int | None = None) -> TrainedSAE:
-  """The SAE of `workdir`'s checkpoint `step` (default: the latest), on one device."""
+  """The SAE of `workdir`'s checkpoint `step` (default: the latest), on one device of this
+  process."""
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):  # checked first: Orbax would create it
     raise CheckpointError(f"{directory}: no such folder; expected a training workdir "
@@ -49,6 +50,8 @@ def load_trained(workdir: str, step: int | None = None) -> TrainedSAE:
   spec = describe(config, source["d_in"])
   tx = optim.make_optimizer(config.optim, config.train.steps, spec.architecture.UNIT_NORM_DECODER)
   rules = tuple(map(tuple, config.mesh.rules))
-  abstract = abstract_train_state(spec, sharding.make_mesh(1, 1), rules, tx)[0]
+  # this process's first device: every process of a multi-process evaluation holds the SAE
+  one_device = sharding.make_mesh(1, 1, jax.local_devices()[:1])
+  abstract = abstract_train_state(spec, one_device, rules, tx)[0]
   _, state, _ = ckpt.restore(abstract, step)
   return TrainedSAE(step, jax.device_get(state.params), config, source, spec)

@@ -98,3 +98,44 @@ def test_evaluate_cli_on_a_sweep_workdir(main_job, tiny_lm):
     np.testing.assert_allclose(e["ce_loss_score"], swept[l1]["ce_loss_score"],
                                rtol=1e-4)
   assert (out / "sweep" / "gated" / "density_0.png").exists()
+
+
+def test_evaluate_cli_on_two_processes_equals_one(main_job, tiny_lm, tmp_path):
+  """2 processes x 2 fake devices: the LM on a mesh over both, each passing its rows of every
+  LM batch; process 0 writes eval.json, with the numbers of a one-process evaluation."""
+  import shutil
+  import socket
+  out, _ = main_job
+  train_windows = json.loads((out / "shards" / "train" / "manifest.json").read_text())["num_windows"]
+  flags = [f"--eval_shards={out / 'shards' / 'heldout'}", f"--model={tiny_lm}",
+           f"--skip_windows={train_windows}", "--num_sequences=8", "--context_length=32",
+           "--lm_batch_size=4"]
+  workdirs = {n: tmp_path / n for n in ("one", "two")}
+  for w in workdirs.values():
+    shutil.copytree(out / "sweep" / "gated", w, ignore=shutil.ignore_patterns("eval*", "*.png"))
+  cmd = lambda w, *extra: [sys.executable, "-m", "launch.evaluate", f"--workdir={w}", *flags,
+                           *extra]
+  proc = subprocess.run(cmd(workdirs["one"], "--distributed=off"), cwd=ROOT, env=ENV,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(ENV, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  procs = [subprocess.Popen(cmd(workdirs["two"], f"--coordinator_address=localhost:{port}",
+                                "--num_processes=2", f"--process_id={i}"),
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-4000:]
+  assert '"l0"' in outs[0][0] and '"l0"' not in outs[1][0]  # process 0 alone prints results
+  one, two = (json.loads((w / "eval.json").read_text()) for w in workdirs.values())
+  assert len(one) == len(two) > 1
+  for a, b in zip(one, two):
+    for key in ("l0", "fvu", "ce_loss_score", "kl_div_score", "ce_loss_with_sae"):
+      np.testing.assert_allclose(b[key], a[key], rtol=1e-5, err_msg=key)
