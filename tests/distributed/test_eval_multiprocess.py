@@ -4,14 +4,12 @@ that 1 process with 4 devices (and one without a mesh) gives on the whole batch.
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import numpy as np
-import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import multiprocess
+
 TIMEOUT_S = 120
 CHILD = """
 import json, sys
@@ -20,9 +18,11 @@ from gsae_jax import distributed, sharding
 from gsae_jax import lm as lm_lib
 from gsae_jax.eval import evaluate
 
-folder, address, count, index, mesh = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+folder, mesh = sys.argv[1:3]
+flags = dict(a[2:].split("=", 1) for a in sys.argv[3:])  # tests.multiprocess.start's flags
+count, index = int(flags.get("num_processes", 1)), int(flags.get("process_id", 0))
 if count > 1:
-  distributed.initialize("on", address, count, index)
+  distributed.initialize("on", flags["coordinator_address"], count, index)
 lm, _ = lm_lib.load(folder, mesh=sharding.make_mesh(2, 2) if mesh == "2x2" else None,
                     strategy="fsdp_tp")
 rng = np.random.default_rng(0)
@@ -38,32 +38,10 @@ print("RESULT", json.dumps({"ce": passes.ce, "kl": passes.kl, "tokens": passes.t
 """
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def _run(folder, count, devices, mesh) -> list[dict]:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  address = f"localhost:{_free_port()}"
-  procs = [subprocess.Popen([sys.executable, "-c", CHILD, folder, address, str(count), str(i), mesh],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in range(count)]
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=TIMEOUT_S))
-  except subprocess.TimeoutExpired:
-    for p in procs:
-      p.kill()
-    pytest.fail(f"{count}-process evaluation did not finish in {TIMEOUT_S} s")
-  results = []
-  for p, (out, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-    results.append(json.loads(out.split("RESULT ", 1)[1]))
-  return results
+  procs = multiprocess.start([sys.executable, "-c", CHILD, folder, mesh], count, devices,
+                             dict(os.environ, PYTHONPATH=multiprocess.ROOT))
+  return [json.loads(out.split("RESULT ", 1)[1]) for out, _ in multiprocess.finish(procs, TIMEOUT_S)]
 
 
 def test_two_processes_reduce_to_the_one_process_losses(tiny_lm):

@@ -4,9 +4,6 @@ process with 4 fake devices ends on the same global batches; their checkpoint, w
 processes together, restores in a single process."""
 
 import json
-import os
-import socket
-import subprocess
 import sys
 
 import jax
@@ -20,9 +17,9 @@ from gsae_jax.data import harvest
 from gsae_jax.train import optim
 from gsae_jax.sae.spec import describe
 from gsae_jax.train.state import abstract_train_state
+from tests import multiprocess
 from tests.data.conftest import fake_activations, spec, unique_windows
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 D_IN, D_SAE, BATCH, STEPS = 8, 32, 16, 4
 OVERRIDES = {"data.d_in": D_IN, "sae.d_sae": D_SAE, "train.batch_size": BATCH,
              "train.steps": STEPS, "train.log_every": 2, "optim.warmup_steps": 1,
@@ -31,35 +28,10 @@ OVERRIDES = {"data.d_in": D_IN, "sae.d_sae": D_SAE, "train.batch_size": BATCH,
 TIMEOUT_S = 90
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-def _env(devices: int) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  return env
-
-
 def _cmd(workdir, data_path, *extra):
   flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
   return [sys.executable, "-m", "launch.train", "--config=experiments/shards.py",
           f"--workdir={workdir}", f"--config.data.path={data_path}", *flags, *extra]
-
-
-def _wait_all(procs):
-  """Waits for every process; on a timeout kills all (a starved collective can hang)."""
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=TIMEOUT_S))
-  except subprocess.TimeoutExpired:
-    for p in procs:
-      p.kill()
-    pytest.fail(f"multi-process training did not finish in {TIMEOUT_S} s")
-  return outs
 
 
 @pytest.fixture
@@ -75,20 +47,12 @@ def _one_and_two_processes(tmp_path, shard_folder, *extra) -> tuple:
   """Trains once in one process with 4 devices and once in 2 processes x 2 devices; checks that
   both end with the same parameters and returns (their workdirs, the 2-process parameters)."""
   one, two = tmp_path / "one", tmp_path / "two"
-  ref = subprocess.Popen(_cmd(one, shard_folder, "--distributed=off", *extra), cwd=ROOT,
-                         env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  (out, err), = _wait_all([ref])
-  assert ref.returncode == 0, err[-3000:]
+  (out, _), = multiprocess.finish(multiprocess.start(_cmd(one, shard_folder, *extra), 1, 4),
+                                  TIMEOUT_S)
   assert "on 4 cpu device(s)" in out
 
-  port = _free_port()
-  procs = [subprocess.Popen(
-      _cmd(two, shard_folder, f"--coordinator_address=localhost:{port}", "--num_processes=2",
-           f"--process_id={i}", *extra), cwd=ROOT, env=_env(2), stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True) for i in range(2)]
-  results = _wait_all(procs)
-  for i, (p, (out, err)) in enumerate(zip(procs, results)):
-    assert p.returncode == 0, f"process {i}:\n{err[-3000:]}"
+  for out, _ in multiprocess.finish(multiprocess.start(_cmd(two, shard_folder, *extra), 2, 2),
+                                    TIMEOUT_S):
     assert "on 4 cpu device(s)" in out, out  # both see the global 4-device mesh
     assert f"step {STEPS}/{STEPS}" in out
 
@@ -139,12 +103,8 @@ def test_two_processes_match_one_process_with_the_block_shuffle(tmp_path, shard_
 def test_processes_along_the_model_axis_are_refused(tmp_path, shard_folder):
   """mesh data=1 x model=4 over 2 processes: each process would need the whole batch, not its
   half; both stop at start with a message naming the mesh."""
-  port = _free_port()
-  procs = [subprocess.Popen(
-      _cmd(tmp_path / "w", shard_folder, "--config.mesh.data=1", "--config.mesh.model=4",
-           f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"),
-      cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
-  for p, (_, err) in zip(procs, _wait_all(procs)):
+  procs = multiprocess.start(_cmd(tmp_path / "w", shard_folder, "--config.mesh.data=1",
+                                  "--config.mesh.model=4"), 2, 2)
+  for p, (_, err) in zip(procs, multiprocess.finish(procs, TIMEOUT_S, check=False)):
     assert p.returncode != 0
     assert "mesh {'data': 1, 'model': 4} over 2 processes" in err, err[-2000:]

@@ -5,8 +5,6 @@ process mid-harvest, re-running both gives that folder again. Plus, in this proc
 parameters are placed slice by slice, and activations come back cast on the device."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,8 +17,8 @@ import pytest
 from flax import nnx
 
 from gsae_jax.data import harvest, shards
+from tests import multiprocess
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_S = 120
 # 16-token windows, 2 per shard, 4 per LM call (2 per process): ~80 shards, ~40 per process.
 FLAGS = ["--config=experiments/harvest_gemma3_270m.py", "--config.layer=1",
@@ -30,42 +28,15 @@ FLAGS = ["--config=experiments/harvest_gemma3_270m.py", "--config.layer=1",
          "--config.normalise_sample_tokens=512"]
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def _start(model: str, out, processes: int, devices: int) -> list[subprocess.Popen]:
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   cmd = [sys.executable, "-m", "launch.harvest", *FLAGS, f"--config.model={model}",
          f"--config.output_dir={out}"]
-  if processes == 1:
-    dist = [["--distributed=off"]]
-  else:
-    port = _free_port()
-    dist = [[f"--coordinator_address=localhost:{port}", f"--num_processes={processes}",
-             f"--process_id={i}"] for i in range(processes)]
-  return [subprocess.Popen(cmd + d, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True) for d in dist]
+  return multiprocess.start(cmd, processes, devices)
 
 
 def _finish(procs: list[subprocess.Popen]) -> list[str]:
-  """stdout of each process, after checking that all succeeded; kills all on a timeout (a
-  process waiting in a collective for a dead peer would hang)."""
-  outs = []
-  try:
-    for i, p in enumerate(procs):
-      out, err = p.communicate(timeout=TIMEOUT_S)
-      assert p.returncode == 0, f"process {i}:\n{err[-3000:]}"
-      outs.append(out)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  return outs
+  """stdout of each process, after checking that all succeeded."""
+  return [out for out, _ in multiprocess.finish(procs, TIMEOUT_S)]
 
 
 def _files(folder) -> dict[str, bytes]:

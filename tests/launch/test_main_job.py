@@ -4,6 +4,7 @@ launch/evaluate.py on one of its workdirs."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 
 from experiments import gemma3_270m
 from gsae_jax import export
+from tests import multiprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device is enough
@@ -103,8 +105,6 @@ def test_evaluate_cli_on_a_sweep_workdir(main_job, tiny_lm):
 def test_evaluate_cli_on_two_processes_equals_one(main_job, tiny_lm, tmp_path):
   """2 processes x 2 fake devices: the LM on a mesh over both, each passing its rows of every
   LM batch; process 0 writes eval.json, with the numbers of a one-process evaluation."""
-  import shutil
-  import socket
   out, _ = main_job
   train_windows = json.loads((out / "shards" / "train" / "manifest.json").read_text())["num_windows"]
   flags = [f"--eval_shards={out / 'shards' / 'heldout'}", f"--model={tiny_lm}",
@@ -113,27 +113,11 @@ def test_evaluate_cli_on_two_processes_equals_one(main_job, tiny_lm, tmp_path):
   workdirs = {n: tmp_path / n for n in ("one", "two")}
   for w in workdirs.values():
     shutil.copytree(out / "sweep" / "gated", w, ignore=shutil.ignore_patterns("eval*", "*.png"))
-  cmd = lambda w, *extra: [sys.executable, "-m", "launch.evaluate", f"--workdir={w}", *flags,
-                           *extra]
-  proc = subprocess.run(cmd(workdirs["one"], "--distributed=off"), cwd=ROOT, env=ENV,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  env = dict(ENV, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  procs = [subprocess.Popen(cmd(workdirs["two"], f"--coordinator_address=localhost:{port}",
-                                "--num_processes=2", f"--process_id={i}"),
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in range(2)]
-  try:
-    outs = [p.communicate(timeout=300) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-4000:]
-  assert '"l0"' in outs[0][0] and '"l0"' not in outs[1][0]  # process 0 alone prints results
+  runs = {n: multiprocess.finish(multiprocess.start(
+      [sys.executable, "-m", "launch.evaluate", f"--workdir={w}", *flags], processes, 2, ENV), 300)
+      for (n, w), processes in zip(workdirs.items(), (1, 2))}
+  (stdout_0, _), (stdout_1, _) = runs["two"]
+  assert '"l0"' in stdout_0 and '"l0"' not in stdout_1  # process 0 alone prints results
   one, two = (json.loads((w / "eval.json").read_text()) for w in workdirs.values())
   assert len(one) == len(two) > 1
   for a, b in zip(one, two):
