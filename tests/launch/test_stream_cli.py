@@ -3,14 +3,10 @@ a checkpoint then the same command again ends bit-identical to an uninterrupted 
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
-import numpy as np
+from tests import resume
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 2000
 # One CPU device: the bitwise comparison is about resuming, not about the mesh.
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -27,39 +23,12 @@ def _cmd(workdir, tiny_lm):
           "--config.optim.warmup_steps=10"]
 
 
-def _checkpoint_steps(workdir):
-  path = os.path.join(workdir, "checkpoints")
-  return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
-
-
 def test_stream_trains_and_resumes_bit_identically_after_kill_9(tmp_path, tiny_lm):
-  full = subprocess.run(_cmd(tmp_path / "full", tiny_lm), cwd=ROOT, env=ENV,
-                        capture_output=True, text=True, timeout=300)
-  assert full.returncode == 0, full.stderr[-3000:]
+  full = resume.assert_kill_9_then_rerun_equals_uninterrupted(
+      lambda w: _cmd(w, tiny_lm), tmp_path, ENV, STEPS)
   assert f"step {STEPS}/{STEPS}" in full.stdout
   with open(tmp_path / "full" / "source.json") as f:
     source = json.load(f)
   assert (source["source"], source["site"], source["model_id"]) == (
       "lm", "blocks.1.resid_post", tiny_lm)
   assert source["normalisation"]["sample_tokens"] == 256
-
-  workdir = tmp_path / "killed"
-  proc = subprocess.Popen(_cmd(workdir, tiny_lm), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  deadline = time.time() + 240
-  while not _checkpoint_steps(workdir) and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-  killed_at = _checkpoint_steps(workdir)
-  assert killed_at and killed_at[-1] < STEPS, killed_at
-
-  resumed = subprocess.run(_cmd(workdir, tiny_lm), cwd=ROOT, env=ENV, capture_output=True,
-                           text=True, timeout=300)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "resuming from" in resumed.stdout
-  a, b = np.load(tmp_path / "full" / "params.npz"), np.load(workdir / "params.npz")
-  assert sorted(a.files) == sorted(b.files)
-  for name in a.files:
-    np.testing.assert_array_equal(b[name], a[name], err_msg=name)
