@@ -36,6 +36,7 @@ AUTO_MAX_SLOT_FRACTION = {"cpu": 1 / 128, "accelerator": 1 / 2048}
 # faster dense Gated steps at d_sae 10240 and 1.37x at 65536 with batch 4096 on the 2-core CPU).
 # On an H200 one part was faster (1.14x at 10240, 1.09x at 65536), so accelerators use one.
 CHUNK_TOKENS = 1024
+CALIBRATION_ROWS = 4096  # rows `with_support_l0` sets the L0 on
 
 
 def _on_cpu() -> bool:
@@ -205,13 +206,14 @@ def loss_grads_in_chunks(params, x: jax.Array, coefficients: Mapping[str, jax.Ar
 def with_support_l0(spec: SAESpec, params, x: jax.Array, l0: float):
   """params with the architecture's `SUPPORT_BIAS` shifted by one constant so that on the batch
   x about l0 features per token have a positive support score (benchmarks and tests: a trained
-  SAE's sparsity without training one)."""
+  SAE's sparsity without training one). The constant comes from the first `CALIBRATION_ROWS`
+  rows (a sort of batch x d_sae scores would pass 2^31 elements, XLA's limit, at 16384 x 2^17)."""
   name = spec.architecture.SUPPORT_BIAS
   if name is None:
     raise ValueError(f"the {spec.name} SAE sets its L0 by a coefficient, not a bias")
   sae = nnx.merge(spec.graphdef, params)
   coefficients = spec.coefficients_at(jnp.asarray(2**30))
-  score = sae.support_score(x, coefficients, features.Recorder())
+  score = sae.support_score(x[:CALIBRATION_ROWS], coefficients, features.Recorder())
   flat = jnp.sort(score.reshape(-1))
   shift = -flat[int(flat.size * (1 - l0 / spec.d_sae))]
   return {**params, name: params[name] + shift.astype(params[name].dtype)}
