@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Callable
 
@@ -62,4 +63,16 @@ def run_guarded(fn: Callable[..., Any], *args: Any) -> Any:
       print(f"{e}; re-run the same command to resume", flush=True)
     except (GsaeError, ValueError, OSError) as e:
       # ValueError: how validators written before gsae_jax.errors say "bad input".
-      sys.exit(f"error: {one_line(e)}")
+      _exit_with_error(f"error: {one_line(e)}")
+
+
+def _exit_with_error(line: str) -> None:
+  """Writes `line` as the last line on stderr and exits with status 1. Library threads may still
+  report the same failure while the interpreter shuts down (Orbax's unretrieved asyncio task
+  errors after a damaged checkpoint, printed at garbage collection): stderr is closed to them."""
+  sys.stderr.write(line + "\n")
+  sys.stderr.flush()
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  sys.stderr = open(os.devnull, "w")
+  sys.exit(1)
