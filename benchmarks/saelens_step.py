@@ -101,7 +101,7 @@ def main() -> None:
   """Calibrate, then print the measured L0 and the best of --steps step times."""
   # argparse, not absl flags: importing this next to train_step.py must not redefine its flags.
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--architecture", default="gated", choices=registry.names())
+  p.add_argument("--architecture", default=registry.names()[0], choices=registry.names())
   p.add_argument("--d_in", type=int, default=640, help="Activation size n.")
   p.add_argument("--d_sae", type=int, default=10240, help="Dictionary size M.")
   p.add_argument("--batch", type=int, default=4096, help="Tokens per step.")
