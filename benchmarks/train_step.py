@@ -46,6 +46,10 @@ _CHUNKS = flags.DEFINE_integer("batch_chunks", 0, "train.batch_chunks (0: auto, 
 _DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                            "train.compute_dtype; the peak matmul is timed in the same dtype.")
 _SAELENS = flags.DEFINE_bool("saelens", False, "Also time SAELens' step (torch, CPU) interleaved.")
+_KERNELS = flags.DEFINE_bool("cpu_row_kernels", True, "train.cpu_row_kernels for the sparse step.")
+_XLA_GATHERS = flags.DEFINE_bool("compare_xla_gathers", False,
+                                 "Also time the sparse step with XLA's gathers (no row kernels) "
+                                 "interleaved, as 'sparse-xla'.")
 
 
 def _best_seconds(fn, *args, repeats: int) -> float:
@@ -67,13 +71,14 @@ def matmul_peak_timer(size: int, dtype: str = "float32"):
 
 
 def train_step_timer(architecture: str, d_in: int, d_sae: int, batch: int, path: str = "dense",
-                     l0: float | None = None):
+                     l0: float | None = None, kernels: bool = True):
   """A function timing one train step (seconds) on a fixed batch, compiled and warmed up, and
   the L0 that step measured."""
   c = base.get_config()
   c.sae.architecture, c.sae.d_sae, c.train.batch_size, c.train.steps = architecture, d_sae, batch, 1000
   c.train.path, c.train.sparse_capacity = path, _CAPACITY.value
   c.train.batch_chunks, c.train.compute_dtype = _CHUNKS.value, _DTYPE.value
+  c.train.cpu_row_kernels = kernels
   cls = registry.get(architecture)
   integer = [coef for coef in cls.COEFFICIENTS if coef.integer]
   if l0 and integer:
@@ -82,7 +87,7 @@ def train_step_timer(architecture: str, d_in: int, d_sae: int, batch: int, path:
   spec, rules = describe(c, d_in), tuple(map(tuple, c.mesh.rules))
   tx = optim.make_optimizer(c.optim, c.train.steps, spec.architecture.UNIT_NORM_DECODER)
   state, shardings = create_train_state(spec, mesh, rules, tx)
-  choice = paths.choose(c.train, spec, mesh.shape["data"])
+  choice = paths.choose(c.train, spec, mesh.shape["data"], mesh.size)
   step, _ = compile_steps(spec, mesh, shardings, rules, tx, c.train.feature_window_tokens, choice)
   x = jax.device_put(jax.random.normal(jax.random.key(2), (batch, d_in)),
                      jax.sharding.NamedSharding(mesh, sharding.batch_spec()))
@@ -108,7 +113,10 @@ def main(argv):
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}", flush=True)
   peak_once = matmul_peak_timer(_PEAK_SIZE.value, _DTYPE.value)
   path_names = ("dense", "sparse") if _PATH.value == "both" else (_PATH.value,)
-  timers = {p: train_step_timer(arch, n, m, batch, p, _L0.value) for p in path_names}
+  timers = {p: train_step_timer(arch, n, m, batch, p, _L0.value, _KERNELS.value)
+            for p in path_names}
+  if _XLA_GATHERS.value:
+    timers["sparse-xla"] = train_step_timer(arch, n, m, batch, "sparse", _L0.value, False)
   if _SAELENS.value:
     from benchmarks.saelens_step import saelens_step_timer  # torch: only when asked
     timers["SAELens"] = (saelens_step_timer(arch, n, m, batch, _L0.value), lambda: {})

@@ -54,6 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.compute_dtype = "float32"   # 'bfloat16': matmuls in bf16 (float32 results, params,
                                       # optimiser state and loss sums); bf16 shards fed as bf16
   c.train.sparse_dead_capacity = 1024  # dead latents AuxK handles on the sparse path
+  c.train.cpu_row_kernels = True      # sparse step on a 1-device CPU mesh: C++ row kernels
+                                      # (gsae_jax/kernels) instead of XLA's gathers
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.save_every = 1000      # steps; also saved at the end and on SIGTERM/SIGINT

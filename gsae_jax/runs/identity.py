@@ -24,7 +24,8 @@ HISTORY_FILE = "history.jsonl"
 # path and batch chunks are exact; restores re-shard onto any mesh): free to change on a re-run.
 _OPERATIONAL = ("train.log_every", "checkpoint", "mesh", "data.path", "data.num_threads",
                 "data.prefetch", "data.verify_checksums", "train.path", "train.batch_chunks",
-                "train.sparse_capacity", "train.sparse_dead_capacity", "sweep.execution")
+                "train.sparse_capacity", "train.sparse_dead_capacity", "train.cpu_row_kernels",
+                "sweep.execution")
 
 # The block shuffle's fields: they change the batches only under data.shuffle='block'.
 _BLOCK_SHUFFLE = ["data.shuffle", "data.block_rows", "data.buffer_blocks", "data.lanes"]

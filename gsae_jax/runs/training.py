@@ -88,7 +88,7 @@ def run(config, workdir: str, restore_step: int | None = None,
   plan.check_sae_fits(config, config.data.d_in, jax.local_devices())  # before any allocation
   source = make_source(config, mesh)  # opening shards verifies them: bad data stops here
   spec = describe(config, source.d_in)
-  path = paths.choose(config.train, spec, mesh.shape["data"])  # refuses bad combinations
+  path = paths.choose(config.train, spec, mesh.shape["data"], mesh.size)  # refuses bad combinations
   described = source_description(config, source)
   run_id = identity.of(config, described)
   primary = distributed.is_primary()

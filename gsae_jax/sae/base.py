@@ -160,6 +160,10 @@ class SAE(nnx.Module):
     (max 72 at mean 32 in the benchmark's state) and an overflowing step runs dense."""
     return 128
 
+  # The support is exactly {support_score > 0} and `slots_needed` is the default below, so the
+  # sparse step may find it by compaction (`kernels.rows.positive_slots`) instead of a top-k.
+  POSITIVE_SUPPORT = True
+
   def slots_needed(self, top: jax.Array, coefficients: Mapping[str, jax.Array],
                    dead: jax.Array | None, dead_capacity: int) -> jax.Array:
     """How many leading slots hold every token's support (int32 []): `top` [batch, K + 1]

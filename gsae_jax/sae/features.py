@@ -20,10 +20,13 @@ A view's methods:
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+
+from gsae_jax.kernels import rows
 
 _IN_BOUNDS = "promise_in_bounds"  # indices come from top_k / nonzero: no bounds checks
 
@@ -100,25 +103,31 @@ class TokenSlots(_Precision):
   valid = True
 
   def __init__(self, idx: jax.Array, d_sae: int, products: Mapping[str, jax.Array],
-               dead_capacity: int, compute_dtype=None):
+               dead_capacity: int, compute_dtype=None, kernels: bool = False):
     super().__init__(compute_dtype)
     self.idx, self.d_sae, self.products = idx, d_sae, dict(products)
     self.dead_capacity = dead_capacity
+    # `gsae_jax.kernels.rows` for the row gathers and scatter-adds (CPU, float32/64 matmuls)
+    self.kernels = kernels and compute_dtype is None
 
   def encoder(self, x: jax.Array, w: jax.Array, name: str) -> jax.Array:
-    return _slot_product(self.cast(x), self.cast(w), self.products[name], self.idx)
+    return _slot_product(self.cast(x), self.cast(w), self.products[name], self.idx, self.kernels)
 
   def take(self, v: jax.Array) -> jax.Array:
     return v.at[self.idx].get(mode=_IN_BOUNDS)
 
   def decode(self, f: jax.Array, w_dec: jax.Array) -> jax.Array:
+    if self.kernels:
+      return rows.bag(f, self.idx, w_dec)
     # Autodiff gives the decoder gradient as a scatter-add of the [batch, K, d_in] rows f * dx_hat.
     return self.einsum("bk,bkn->bn", f, self.cast(w_dec).at[self.idx].get(mode=_IN_BOUNDS))
 
   def group_decodes(self, f: jax.Array, w_dec: jax.Array, bounds) -> jax.Array:
-    rows = self.cast(w_dec).at[self.idx].get(mode=_IN_BOUNDS)  # one gather for every group
-    groups = jnp.stack([(self.idx >= lo) & (self.idx < hi) for lo, hi in zip(bounds, bounds[1:])])
-    return self.einsum("gbk,bkn->gbn", jnp.where(groups, f, 0.0), rows)
+    groups = [(self.idx >= lo) & (self.idx < hi) for lo, hi in zip(bounds, bounds[1:])]
+    if self.kernels:  # each bag skips the other groups' (zeroed) slots
+      return jnp.stack([rows.bag(jnp.where(g, f, 0.0), self.idx, w_dec) for g in groups])
+    w_rows = self.cast(w_dec).at[self.idx].get(mode=_IN_BOUNDS)  # one gather for every group
+    return self.einsum("gbk,bkn->gbn", jnp.where(jnp.stack(groups), f, 0.0), w_rows)
 
   def fire_count(self, f: jax.Array) -> jax.Array:
     fired = (f > 0).astype(jnp.float32).reshape(-1)
@@ -180,26 +189,31 @@ def _cached_product_bwd(residuals, g):
 _cached_product.defvjp(_cached_product_fwd, _cached_product_bwd)
 
 
-@jax.custom_vjp
-def _slot_product(x: jax.Array, w: jax.Array, xw: jax.Array, idx: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _slot_product(x: jax.Array, w: jax.Array, xw: jax.Array, idx: jax.Array,
+                  kernels: bool = False) -> jax.Array:
   """(x @ w) at each token's slots: [batch, K], read from the dense product xw [batch, d_sae].
 
   Backward: dw[:, idx[b, k]] += x[b] g[b, k] as a scatter-add of [batch K, d_in] rows into
-  dw^T (rows are contiguous there), and dx[b] = sum_k g[b, k] w[:, idx[b, k]].
+  dw^T (rows are contiguous there), and dx[b] = sum_k g[b, k] w[:, idx[b, k]]; with `kernels`,
+  by `gsae_jax.kernels.rows` (no [batch, K, d_in] temporaries).
   """
   return jnp.take_along_axis(xw, idx, axis=1)
 
 
-def _slot_product_fwd(x, w, xw, idx):
-  return _slot_product(x, w, xw, idx), (x, w, idx)
+def _slot_product_fwd(x, w, xw, idx, kernels):
+  return _slot_product(x, w, xw, idx, kernels), (x, w, idx)
 
 
-def _slot_product_bwd(residuals, g):
+def _slot_product_bwd(kernels, residuals, g):
   x, w, idx = residuals  # x, w in the compute dtype; the scatter-add accumulates in float32
   d_in, d_sae = w.shape
+  if kernels:  # float32 / float64 throughout (TokenSlots turns kernels off for bf16)
+    g = g.astype(w.dtype)
+    return rows.bag(g, idx, w.T), rows.scatter(g, idx, x, d_sae).T, None, None
   g = g.astype(jnp.float32)
-  rows = (g[..., None] * x[:, None, :].astype(jnp.float32)).reshape(-1, d_in)
-  dw_t = jnp.zeros((d_sae, d_in), jnp.float32).at[idx.reshape(-1)].add(rows, mode=_IN_BOUNDS)
+  xg = (g[..., None] * x[:, None, :].astype(jnp.float32)).reshape(-1, d_in)
+  dw_t = jnp.zeros((d_sae, d_in), jnp.float32).at[idx.reshape(-1)].add(xg, mode=_IN_BOUNDS)
   dx = jnp.einsum("bk,bkn->bn", g.astype(x.dtype), w.T.at[idx].get(mode=_IN_BOUNDS),
                   preferred_element_type=jnp.float32)
   return dx.astype(x.dtype), dw_t.T.astype(w.dtype), None, None

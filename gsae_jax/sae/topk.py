@@ -178,6 +178,8 @@ class TopKSAE(SAE):
     """The selection's values: each token's support is its k largest."""
     return self._positive(self.pre_activations(x, view))
 
+  POSITIVE_SUPPORT = False  # the k largest: found by top_k
+
   @classmethod
   def sparse_capacity(cls, largest_k: int) -> int:
     """k: each token's support is exactly its k largest (one more slot tells ties)."""

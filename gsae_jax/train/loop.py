@@ -84,7 +84,7 @@ def train(config, mesh: Mesh, batches: BatchIterator, spec: SAESpec,
     if config.sae.init_b_dec == "mean":
       state = _b_dec_at_data_mean(state, batches, config.sae.init_b_dec_batches,
                                   shardings.params["b_dec"])
-  path = paths.choose(config.train, spec, mesh.shape["data"])
+  path = paths.choose(config.train, spec, mesh.shape["data"], mesh.size)
   train_step, resample_step = compile_steps(
       spec, mesh, shardings, rules, tx, int(config.train.feature_window_tokens), path,
       paths.sequential_members(config.sweep, path))

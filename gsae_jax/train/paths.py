@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gsae_jax.kernels import rows
 from gsae_jax.sae import features
 from gsae_jax.sae.spec import SAESpec
 
@@ -54,11 +55,14 @@ class PathChoice:
   dead_capacity: int = 0
   compute_dtype: Any = None
   batch_chunks: int = 1
+  kernels: bool = False  # the sparse step's gathers by `gsae_jax.kernels.rows`
 
 
-def choose(train_config, spec: SAESpec, data_parallel: int = 1) -> PathChoice:
+def choose(train_config, spec: SAESpec, data_parallel: int = 1, devices: int = 1) -> PathChoice:
   """The path from `train.path` ('auto' | 'dense' | 'sparse'), the sparse capacities, the
-  compute dtype and the batch chunks (`batch_chunks`; `data_parallel`: the mesh's data axis).
+  compute dtype, the batch chunks (`batch_chunks`; `data_parallel`: the mesh's data axis) and
+  whether the sparse step uses the CPU row kernels (`train.cpu_row_kernels`, on a mesh of
+  `devices` = 1 with float32 matmuls; the kernels have no sharding rule).
 
   The default capacity (`train.sparse_capacity=0`) is the architecture's `sparse_capacity`
   (128 slots per token; TopK's k).
@@ -83,15 +87,18 @@ def choose(train_config, spec: SAESpec, data_parallel: int = 1) -> PathChoice:
     sparse = path == "sparse"
   compute_dtype = {"float32": None, "bfloat16": jnp.bfloat16}[
       train_config.get("compute_dtype", "float32")]
+  kernels = (sparse and bool(train_config.get("cpu_row_kernels", False)) and devices == 1
+             and compute_dtype is None and rows.available())
   return PathChoice(sparse, capacity, dead_capacity, compute_dtype,
-                    batch_chunks(train_config, spec, data_parallel, sparse))
+                    batch_chunks(train_config, spec, data_parallel, sparse), kernels)
 
 
 def describe_choice(choice: PathChoice) -> str:
   """One line for the run's log, e.g. 'sparse step (128 slots per token, dense when a support
   does not fit), batch in 1 part, float32 matmuls'."""
-  path = (f"sparse step ({choice.capacity} slots per token, dense when a support does not fit)"
-          if choice.sparse else "dense step")
+  kernels = ", CPU row kernels" if choice.kernels else ""
+  path = (f"sparse step ({choice.capacity} slots per token{kernels}, dense when a support does "
+          f"not fit)" if choice.sparse else "dense step")
   dtype = "bfloat16" if choice.compute_dtype is not None else "float32"
   parts = "part" if choice.batch_chunks == 1 else "parts"
   return f"{path}, batch in {choice.batch_chunks} {parts}, {dtype} matmuls"
@@ -134,10 +141,15 @@ def find_support(params, x: jax.Array, coefficients: Mapping[str, jax.Array], de
   """(products, idx, needed) for a sparse step on the batch x [batch, d_in]: the encoder
   products {weight name: [batch, d_sae]}, each token's K + 1 highest-scoring features
   idx [batch, K + 1] (K = `choice.capacity`), best first, and how many leading slots hold
-  every token's support (int32 []; K + 1: K slots do not)."""
+  every token's support (int32 []; K + 1: K slots do not). With the row kernels and an
+  architecture whose support is {score > 0}, idx holds that support in feature order instead,
+  then features whose score is <= 0 (they add nothing to the loss or its gradient)."""
   sae = nnx.merge(graphdef, params)
   recorder = features.Recorder(compute_dtype=choice.compute_dtype)
   score = sae.support_score(x, coefficients, recorder)
+  if choice.kernels and sae.POSITIVE_SUPPORT:  # one pass over the scores instead of top_k's
+    idx, count = rows.positive_slots(score, choice.capacity + 1)
+    return recorder.products, idx, jnp.minimum(jnp.max(count), choice.capacity + 1)
   top, idx = features.slots(score, choice.capacity)
   needed = sae.slots_needed(top, coefficients, dead, choice.dead_capacity)
   return recorder.products, idx, needed
@@ -159,7 +171,7 @@ def loss_grads(params, x: jax.Array, coefficients: Mapping[str, jax.Array], dead
   """
   if idx is not None:
     view = features.TokenSlots(idx, dead.shape[-1], products, choice.dead_capacity,
-                               choice.compute_dtype)
+                               choice.compute_dtype, choice.kernels)
   else:
     view = features.AllFeatures(products, choice.compute_dtype)
 

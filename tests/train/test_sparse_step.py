@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 from gsae_jax import sharding
+from gsae_jax.kernels import rows
 from gsae_jax.sae import features, registry
 from gsae_jax.sae.spec import describe
 from gsae_jax.train import optim, paths
@@ -68,8 +69,17 @@ def _assert_params_close(got, want):
     assert float(np.max(np.abs(g - w))) / scale <= 1e-5, k
 
 
+KERNELS = [False, True] if rows.available() else [False]  # CPU row kernels (gsae_jax/kernels)
+
+
+def test_the_cpu_row_kernels_build_here():
+  """CI and the dev machine have a C++ compiler: the kernel tests below must not go missing."""
+  assert rows.available()
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("name", NAMES)
-def test_one_float32_step_equals_dense(tiny_config, name):
+def test_one_float32_step_equals_dense(tiny_config, name, kernels):
   """In float32, one step's gradients on the slots equal the dense ones (the products are
   shared, so the gates see identical pre-activations)."""
   c, mesh, spec, rules, tx, xs = _setup(tiny_config, name, (1, 1), "float32")
@@ -78,7 +88,7 @@ def test_one_float32_step_equals_dense(tiny_config, name):
     params = paths.with_support_l0(spec, params, xs[0], L0)
   coefficients = spec.coefficients_at(jnp.asarray(10**6))
   dead = jnp.arange(D_SAE) % 3 == 0  # AuxK's dead latents too
-  sparse = paths.PathChoice(True, capacity=32, dead_capacity=D_SAE)
+  sparse = paths.PathChoice(True, capacity=32, dead_capacity=D_SAE, kernels=kernels)
   products, idx, needed = paths.find_support(params, xs[0], coefficients, dead,
                                              graphdef=spec.graphdef, choice=sparse)
   assert int(needed) <= 32
@@ -104,13 +114,14 @@ def float64():
     yield
 
 
-@pytest.mark.parametrize("mesh_shape", [(1, 1), (2, 4)])
+@pytest.mark.parametrize("mesh_shape,kernels", [((1, 1), k) for k in KERNELS] + [((2, 4), False)])
 @pytest.mark.parametrize("name", NAMES)
-def test_sparse_step_equals_dense(tiny_config, name, mesh_shape):
+def test_sparse_step_equals_dense(tiny_config, name, mesh_shape, kernels):
   setup = _setup(tiny_config, name, mesh_shape)
   dense, dense_flags, _ = _train(setup, paths.PathChoice(sparse=False))
   sparse, sparse_flags, dead = _train(setup, paths.PathChoice(True, capacity=32,
-                                                              dead_capacity=D_SAE))
+                                                              dead_capacity=D_SAE,
+                                                              kernels=kernels))
   assert dense_flags == [0.0] * STEPS
   assert sparse_flags == [1.0] * STEPS  # every step on the slots, none fell back
   _assert_params_close(sparse, dense)
@@ -119,13 +130,15 @@ def test_sparse_step_equals_dense(tiny_config, name, mesh_shape):
   assert np.max(np.abs(np.asarray(dense["W_dec"]) - np.asarray(init["W_dec"]))) > 1e-4
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("name", NAMES)
-def test_overflowing_slots_fall_back_to_dense(tiny_config, name):
+def test_overflowing_slots_fall_back_to_dense(tiny_config, name, kernels):
   """With 2 slots per token every support overflows: each step takes the dense path on the
   support search's products, and the result is still the dense step's."""
   setup = _setup(tiny_config, name, (1, 1))
   dense, _, _ = _train(setup, paths.PathChoice(sparse=False))
-  fallback, flags, _ = _train(setup, paths.PathChoice(True, capacity=2, dead_capacity=D_SAE))
+  fallback, flags, _ = _train(setup, paths.PathChoice(True, capacity=2, dead_capacity=D_SAE,
+                                                      kernels=kernels))
   assert flags == [0.0] * STEPS
   _assert_params_close(fallback, dense)
 

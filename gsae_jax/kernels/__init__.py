@@ -1,0 +1,1 @@
+"""C++ kernels called through the XLA FFI (CPU)."""
