@@ -22,6 +22,9 @@ from flax import nnx
 
 from gsae_jax.eval import metrics as m
 from gsae_jax.lm.language_model import LOGITS_CHUNK_BYTES, replaced_nll
+from gsae_jax.sae.features import SparseCodes
+
+SPARSE_CODES = SparseCodes(slots=256)  # decode through each token's non-zero codes (CPU)
 
 
 @functools.lru_cache(maxsize=None)
@@ -30,7 +33,7 @@ def _batch_sums(graphdef):
   def sums(params, x):
     sae = nnx.merge(graphdef, params)
     f = sae.encode(x)
-    x_hat = sae.decode(f)
+    x_hat = sae.decode(f, SPARSE_CODES)
     return m.reconstruction_sums(x, x_hat, f), m.token_sums(x, x_hat, f)
   return sums
 
@@ -68,7 +71,7 @@ def splice_fn(graphdef) -> Callable[[jax.Array, Any], jax.Array]:
     params, scale = fn_params
     sae = nnx.merge(graphdef, params)
     x = act.reshape(-1, act.shape[-1]).astype(jnp.float32) * scale
-    return (sae.decode(sae.encode(x)) / scale).reshape(act.shape)
+    return (sae.decode(sae.encode(x), SPARSE_CODES) / scale).reshape(act.shape)
   return fn
 
 

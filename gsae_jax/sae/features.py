@@ -97,6 +97,27 @@ class Recorder(AllFeatures):
     return self.products[name]
 
 
+class SparseCodes(AllFeatures):
+  """All features, but `decode` reads only each token's non-zero codes (the CPU row kernels)
+  when every token of the batch has at most `slots` of them, and is the dense product otherwise
+  (a `lax.cond`): evaluation's decode of a trained SAE's sparse codes, not differentiated.
+  Dense wherever the kernels cannot run (not CPU, bf16) or `slots` is over 1/16 of the
+  dictionary. (On a multi-device mesh XLA gathers the kernel's operands to each device.)"""
+
+  def __init__(self, slots: int = 256):
+    super().__init__()
+    self.slots = slots
+
+  def decode(self, f: jax.Array, w_dec: jax.Array) -> jax.Array:
+    if (f.dtype not in (jnp.float32, jnp.float64) or w_dec.dtype != f.dtype
+        or 16 * self.slots > f.shape[-1] or not rows.available()):
+      return super().decode(f, w_dec)
+    idx, count = rows.positive_slots(jnp.abs(f), self.slots)  # then padding where f = 0
+    return jax.lax.cond(jnp.max(count) <= self.slots,
+                        lambda: rows.bag(jnp.take_along_axis(f, idx, axis=1), idx, w_dec),
+                        lambda: f @ w_dec)
+
+
 class TokenSlots(_Precision):
   """Each token's K active features: idx [batch, K] distinct feature indices."""
 

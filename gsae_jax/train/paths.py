@@ -26,12 +26,13 @@ from gsae_jax.sae import features
 from gsae_jax.sae.spec import SAESpec
 
 # `auto` takes the sparse path when K slots are at most this fraction of the dictionary, per
-# backend (BUILD_NOTES, "Sparse step" and "GPU timings"). On the 2-core CPU the sparse Gated step
-# lost at d_sae / K = 80 (0.89x) and won at 512: gathers and scatter-adds of K rows run far below
-# matmul speed there. On an H200 it lost up to d_sae / K = 1024 (Gated, JumpReLU, baseline:
-# 0.26-0.51x) and won from 2048 (TopK: 1.27x at 65536 / 32, 1.41x at 131072 / 32); other
-# accelerators (TPU: not measured) use the H200's rule.
-AUTO_MAX_SLOT_FRACTION = {"cpu": 1 / 128, "accelerator": 1 / 2048}
+# backend (BUILD_NOTES, "Sparse step", "CPU row kernels" and "GPU timings"). On the 2-core CPU
+# with XLA's gathers the sparse Gated step lost at d_sae / K = 80 (0.89x) and won at 512; with
+# the row kernels it won 2.2-3.4x from d_sae / K = 16 (2048 features, 128 slots) up.
+# On an H200 it lost up to d_sae / K = 1024 (Gated, JumpReLU, baseline: 0.26-0.51x) and won from
+# 2048 (TopK: 1.27x at 65536 / 32, 1.41x at 131072 / 32); other accelerators (TPU: not
+# measured) use the H200's rule.
+AUTO_MAX_SLOT_FRACTION = {"cpu": 1 / 128, "cpu_row_kernels": 1 / 16, "accelerator": 1 / 2048}
 # `train.batch_chunks=0` on CPU: the batch is processed in parts of about this many tokens per
 # device, their gradients accumulated: the [tokens, d_sae] temporaries then stay small (1.19x
 # faster dense Gated steps at d_sae 10240 and 1.37x at 65536 with batch 4096 on the 2-core CPU).
@@ -62,7 +63,8 @@ def choose(train_config, spec: SAESpec, data_parallel: int = 1, devices: int = 1
   """The path from `train.path` ('auto' | 'dense' | 'sparse'), the sparse capacities, the
   compute dtype, the batch chunks (`batch_chunks`; `data_parallel`: the mesh's data axis) and
   whether the sparse step uses the CPU row kernels (`train.cpu_row_kernels`, on a mesh of
-  `devices` = 1 with float32 matmuls; the kernels have no sharding rule).
+  `devices` = 1 with float32 matmuls: the kernels have no sharding rule, so on a larger mesh
+  XLA would gather their operands to every device).
 
   The default capacity (`train.sparse_capacity=0`) is the architecture's `sparse_capacity`
   (128 slots per token; TopK's k).
@@ -80,15 +82,17 @@ def choose(train_config, spec: SAESpec, data_parallel: int = 1, devices: int = 1
                      f"{spec.largest_integer_coefficient()} (every step would run dense)")
   capacity = min(capacity, spec.d_sae - 1)
   dead_capacity = min(int(train_config.get("sparse_dead_capacity", 1024)), spec.d_sae)
+  compute_dtype = {"float32": None, "bfloat16": jnp.bfloat16}[
+      train_config.get("compute_dtype", "float32")]
+  kernels = (has_sparse and path != "dense" and bool(train_config.get("cpu_row_kernels", False))
+             and devices == 1 and compute_dtype is None and rows.available())
   if path == "auto":
-    fraction = AUTO_MAX_SLOT_FRACTION["cpu" if _on_cpu() else "accelerator"]
+    fraction = AUTO_MAX_SLOT_FRACTION[
+        "cpu_row_kernels" if kernels else "cpu" if _on_cpu() else "accelerator"]
     sparse = has_sparse and capacity <= fraction * spec.d_sae
   else:
     sparse = path == "sparse"
-  compute_dtype = {"float32": None, "bfloat16": jnp.bfloat16}[
-      train_config.get("compute_dtype", "float32")]
-  kernels = (sparse and bool(train_config.get("cpu_row_kernels", False)) and devices == 1
-             and compute_dtype is None and rows.available())
+  kernels = kernels and sparse
   return PathChoice(sparse, capacity, dead_capacity, compute_dtype,
                     batch_chunks(train_config, spec, data_parallel, sparse), kernels)
 
