@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 
@@ -160,21 +161,32 @@ ffi::Error CheckIndices(ffi::Buffer<ffi::S32> idx, int64_t rows) {
   return ffi::Error::Success();
 }
 
+// Calls run(T{}) for T the C type of `types` (float32 or float64; all of them the same).
+template <typename Run>
+ffi::Error ForFloatType(std::initializer_list<ffi::DataType> types, Run&& run) {
+  ffi::DataType type = *types.begin();
+  for (ffi::DataType other : types)
+    if (other != type) return ffi::Error::InvalidArgument("operands of different dtypes");
+  if (type == ffi::F32)
+    run(float{});
+  else if (type == ffi::F64)
+    run(double{});
+  else
+    return ffi::Error::InvalidArgument("dtype: float32 or float64");
+  return ffi::Error::Success();
+}
+
 // Shapes: v, idx [B, K]; table [M, n]; g [B, n].
 ffi::Error BagImpl(ffi::ThreadPool pool, ffi::AnyBuffer v, ffi::Buffer<ffi::S32> idx,
                    ffi::AnyBuffer table, ffi::Result<ffi::AnyBuffer> out) {
   auto vd = v.dimensions(), td = table.dimensions();
   if (vd.size() != 2 || td.size() != 2) return ffi::Error::InvalidArgument("rank");
   if (auto e = CheckIndices(idx, td[0]); e.failure()) return e;
-  if (v.element_type() == ffi::F32)
-    Bag(pool, v.typed_data<float>(), idx.typed_data(), table.typed_data<float>(),
-        out->typed_data<float>(), vd[0], vd[1], td[1]);
-  else if (v.element_type() == ffi::F64)
-    Bag(pool, v.typed_data<double>(), idx.typed_data(), table.typed_data<double>(),
-        out->typed_data<double>(), vd[0], vd[1], td[1]);
-  else
-    return ffi::Error::InvalidArgument("dtype: float32 or float64");
-  return ffi::Error::Success();
+  return ForFloatType({v.element_type(), table.element_type(), out->element_type()}, [&](auto t) {
+    using T = decltype(t);
+    Bag(pool, v.typed_data<T>(), idx.typed_data(), table.typed_data<T>(), out->typed_data<T>(),
+        vd[0], vd[1], td[1]);
+  });
 }
 
 ffi::Error DotImpl(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::Buffer<ffi::S32> idx,
@@ -182,15 +194,11 @@ ffi::Error DotImpl(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::Buffer<ffi::S32>
   auto id = idx.dimensions(), td = table.dimensions();
   if (id.size() != 2 || td.size() != 2) return ffi::Error::InvalidArgument("rank");
   if (auto e = CheckIndices(idx, td[0]); e.failure()) return e;
-  if (g.element_type() == ffi::F32)
-    Dot(pool, g.typed_data<float>(), idx.typed_data(), table.typed_data<float>(),
-        out->typed_data<float>(), id[0], id[1], td[1]);
-  else if (g.element_type() == ffi::F64)
-    Dot(pool, g.typed_data<double>(), idx.typed_data(), table.typed_data<double>(),
-        out->typed_data<double>(), id[0], id[1], td[1]);
-  else
-    return ffi::Error::InvalidArgument("dtype: float32 or float64");
-  return ffi::Error::Success();
+  return ForFloatType({g.element_type(), table.element_type(), out->element_type()}, [&](auto t) {
+    using T = decltype(t);
+    Dot(pool, g.typed_data<T>(), idx.typed_data(), table.typed_data<T>(), out->typed_data<T>(),
+        id[0], id[1], td[1]);
+  });
 }
 
 ffi::Error ScatterImpl(ffi::ThreadPool pool, ffi::AnyBuffer v, ffi::Buffer<ffi::S32> idx,
@@ -198,15 +206,11 @@ ffi::Error ScatterImpl(ffi::ThreadPool pool, ffi::AnyBuffer v, ffi::Buffer<ffi::
   auto vd = v.dimensions(), od = out->dimensions();
   if (vd.size() != 2 || od.size() != 2) return ffi::Error::InvalidArgument("rank");
   if (auto e = CheckIndices(idx, od[0]); e.failure()) return e;
-  if (v.element_type() == ffi::F32)
-    Scatter(pool, v.typed_data<float>(), idx.typed_data(), g.typed_data<float>(),
-            out->typed_data<float>(), vd[0], vd[1], od[1], od[0]);
-  else if (v.element_type() == ffi::F64)
-    Scatter(pool, v.typed_data<double>(), idx.typed_data(), g.typed_data<double>(),
-            out->typed_data<double>(), vd[0], vd[1], od[1], od[0]);
-  else
-    return ffi::Error::InvalidArgument("dtype: float32 or float64");
-  return ffi::Error::Success();
+  return ForFloatType({v.element_type(), g.element_type(), out->element_type()}, [&](auto t) {
+    using T = decltype(t);
+    Scatter(pool, v.typed_data<T>(), idx.typed_data(), g.typed_data<T>(), out->typed_data<T>(),
+            vd[0], vd[1], od[1], od[0]);
+  });
 }
 
 ffi::Error PositiveSlotsImpl(ffi::ThreadPool pool, ffi::AnyBuffer score,
@@ -215,15 +219,11 @@ ffi::Error PositiveSlotsImpl(ffi::ThreadPool pool, ffi::AnyBuffer score,
   auto sd = score.dimensions(), id = idx->dimensions();
   if (sd.size() != 2 || id.size() != 2 || id[0] != sd[0])
     return ffi::Error::InvalidArgument("shapes: score [B, M], idx [B, S]");
-  if (score.element_type() == ffi::F32)
-    PositiveSlots(pool, score.typed_data<float>(), idx->typed_data(), count->typed_data(), sd[0],
+  return ForFloatType({score.element_type()}, [&](auto t) {
+    using T = decltype(t);
+    PositiveSlots(pool, score.typed_data<T>(), idx->typed_data(), count->typed_data(), sd[0],
                   sd[1], id[1]);
-  else if (score.element_type() == ffi::F64)
-    PositiveSlots(pool, score.typed_data<double>(), idx->typed_data(), count->typed_data(), sd[0],
-                  sd[1], id[1]);
-  else
-    return ffi::Error::InvalidArgument("dtype: float32 or float64");
-  return ffi::Error::Success();
+  });
 }
 
 }  // namespace

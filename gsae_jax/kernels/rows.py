@@ -83,6 +83,9 @@ def available() -> bool:
 
 
 def _call(name: str, out, *args):
+  if not _load():
+    raise RuntimeError("the CPU row kernels could not be built (see the warning above); use "
+                       "train.cpu_row_kernels=False")
   return jax.ffi.ffi_call(f"gsae_{name}", out, vmap_method="sequential")(*args)
 
 

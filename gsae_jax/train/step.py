@@ -7,6 +7,7 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -100,7 +101,8 @@ def compile_steps(spec: SAESpec, mesh: Mesh, state_shardings, rules, tx,
 
   On the sparse `path` a train step is `paths.find_support`, then on the host the sparse step
   on the smallest of `paths.slot_buckets` that holds every member's support, or, where the
-  capacity does not, the dense step on the same products.
+  capacity does not, the dense step on the same products; in a sweep where some members' supports
+  fit and others' do not, those members take the sparse step and the others the dense one.
   """
   step = functools.partial(train_step, graphdef=spec.graphdef, tx=tx,
                            feature_window_tokens=feature_window_tokens, choice=path)
@@ -108,12 +110,12 @@ def compile_steps(spec: SAESpec, mesh: Mesh, state_shardings, rules, tx,
                                logical_axes=spec.logical_axes,
                                feature_window_tokens=feature_window_tokens)
   values = spec.sweep_values()
+  batched = ((lambda fn: lambda *a: jax.lax.map(lambda args: fn(*args), a))
+             if sequential_members else jax.vmap)
   if values is None:
     over_members = lambda fn: lambda states, *a: fn(states, None, *a)
     coefficients = lambda s, v: spec.coefficients_at(s.step)
   else:
-    batched = ((lambda fn: lambda *a: jax.lax.map(lambda args: fn(*args), a))
-               if sequential_members else jax.vmap)
     over_members = lambda fn: lambda states, *a: batched(fn)(states, values, *a)
     coefficients = lambda s, v: spec.coefficients_at(s.step, v)
   resample_fn = jit_sharded(lambda states, x: over_members(lambda s, v: resample(s, x))(states),
@@ -150,11 +152,35 @@ def compile_steps(spec: SAESpec, mesh: Mesh, state_shardings, rules, tx,
           mesh, state_shardings, rules, True, (products_sharding, idx_sharding))
     return sparse_fns[slots]
 
+  mixed_fns = {}
+
+  def mixed_fn(sparse_members: tuple[int, ...]):
+    """A sweep step where the members `sparse_members` take the sparse step on all slots and
+    the others the dense one (compiled once per set of members)."""
+    if sparse_members not in mixed_fns:
+      rest = tuple(i for i in range(len(values)) if i not in sparse_members)
+      order = jnp.argsort(jnp.asarray(sparse_members + rest))
+
+      def mixed(states, x, products, idx):
+        take = lambda tree, ids: jax.tree.map(lambda a: a[jnp.asarray(ids)], tree)
+        on_slots = batched(lambda s, v, p, i: step(s, x, coefficients(s, v), p, i[..., :-1]))(
+            *take((states, values, products, idx), sparse_members))
+        dense = batched(lambda s, v, p: step(s, x, coefficients(s, v), p))(
+            *take((states, values, products), rest))
+        return jax.tree.map(lambda a, b: jnp.concatenate([a, b])[order], on_slots, dense)
+
+      mixed_fns[sparse_members] = jit_sharded(mixed, mesh, state_shardings, rules, True,
+                                              (products_sharding, idx_sharding))
+    return mixed_fns[sparse_members]
+
   def train_fn(states, x):
     products, idx, needed = support_fn(states, x)
-    needed = int(jnp.max(needed))  # the one host sync of a sparse step (max over members)
-    if needed > path.capacity:
+    needed = np.asarray(needed)  # the one host sync of a sparse step ([members] in a sweep)
+    fits = needed <= path.capacity
+    if fits.all():
+      return sparse_fn(next(b for b in buckets if b >= needed.max()))(states, x, products, idx)
+    if values is None or not fits.any():
       return fallback_fn(states, x, products)
-    return sparse_fn(next(b for b in buckets if b >= needed))(states, x, products, idx)
+    return mixed_fn(tuple(int(i) for i in np.flatnonzero(fits)))(states, x, products, idx)
 
   return train_fn, resample_fn

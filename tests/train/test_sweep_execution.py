@@ -54,6 +54,21 @@ def test_sparse_sweep_takes_the_sparse_path_for_every_member(tiny_config, sequen
     np.testing.assert_allclose(sparse[k], v, rtol=1e-5, atol=1e-8, err_msg=k)
 
 
+@pytest.mark.parametrize("kernels", [False, True])
+@pytest.mark.parametrize("sequential", [True, False])
+def test_members_whose_support_overflows_take_the_dense_step(tiny_config, sequential, kernels):
+  """k = 2, 3, 5 with 4 slots: members k = 2, 3 take the sparse step, k = 5 the dense one, in
+  the same step, and the sweep still equals the dense one."""
+  with jax.enable_x64(True):
+    dense, _ = _sweep(tiny_config, "topk", sequential, paths.PathChoice(False), "float64")
+    mixed, flags = _sweep(tiny_config, "topk", sequential,
+                          paths.PathChoice(True, capacity=4, dead_capacity=64, kernels=kernels),
+                          "float64")
+  assert flags.tolist() == [1.0, 1.0, 0.0]
+  for k, v in dense.items():
+    np.testing.assert_allclose(mixed[k], v, rtol=1e-5, atol=1e-8, err_msg=k)
+
+
 def test_unknown_execution_fails_validation(tiny_config):
   c = tiny_config.copy_and_resolve_references()
   c.sweep.execution = "parallel"
