@@ -56,6 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.sparse_dead_capacity = 1024  # dead latents AuxK handles on the sparse path
   c.train.cpu_row_kernels = True      # sparse step on a 1-device CPU mesh: C++ row kernels
                                       # (gsae_jax/kernels) instead of XLA's gathers
+  c.train.split_step = True           # sparse path: when only a few tokens (1/32 of the batch)
+                                      # overflow the slots, run those dense and the rest sparse
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.save_every = 1000      # steps; also saved at the end and on SIGTERM/SIGINT

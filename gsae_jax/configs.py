@@ -104,8 +104,9 @@ def validate(config, mesh_shape: dict[str, int]) -> None:
   _check(train.path in PATHS, "train.path", f"one of {PATHS}", train.path)
   check_int(train.sparse_capacity, "train.sparse_capacity", 0, " (0: the default)")
   check_int(train.sparse_dead_capacity, "train.sparse_dead_capacity", 1)
-  _check(isinstance(train.get("cpu_row_kernels", False), bool), "train.cpu_row_kernels",
-         "True or False", train.get("cpu_row_kernels"))
+  for switch in ("cpu_row_kernels", "split_step"):
+    _check(isinstance(train.get(switch, False), bool), f"train.{switch}", "True or False",
+           train.get(switch))
   check_int(config.checkpoint.save_every, "checkpoint.save_every", 1)
   check_int(config.checkpoint.keep, "checkpoint.keep", 1)
   _check(isinstance(config.checkpoint.async_save, bool), "checkpoint.async_save", "True or False",

@@ -25,6 +25,7 @@ HISTORY_FILE = "history.jsonl"
 _OPERATIONAL = ("train.log_every", "checkpoint", "mesh", "data.path", "data.num_threads",
                 "data.prefetch", "data.verify_checksums", "train.path", "train.batch_chunks",
                 "train.sparse_capacity", "train.sparse_dead_capacity", "train.cpu_row_kernels",
+                "train.split_step",
                 "sweep.execution")
 
 # The block shuffle's fields: they change the batches only under data.shuffle='block'.

@@ -26,18 +26,20 @@ def dead_features(state: TrainState, feature_window_tokens: int) -> jax.Array:
 
 
 def train_step(state: TrainState, x: jax.Array, coefficients: Mapping[str, jax.Array],
-               products=None, idx=None, *, graphdef, tx: optax.GradientTransformation,
+               products=None, idx=None, heavy=None, *, graphdef, tx: optax.GradientTransformation,
                feature_window_tokens: int, choice: paths.PathChoice = paths.PathChoice(False)):
   """Returns (new_state, metrics) for one batch x [batch, d_in] at the named loss coefficients.
 
   Dense by default; with `products` and `idx` from `paths.find_support`, the sparse path on
-  each token's slots (metric `sparse_step` = 1), with `products` alone the dense path reusing
-  them (`gsae_jax.train.paths`); `choice` holds the capacities and the compute dtype.
+  each token's slots (metric `sparse_step` = 1), and with `heavy` too the split step (those
+  tokens dense; `sparse_step` = the share of tokens on the slots); with `products` alone the
+  dense path reusing them (`gsae_jax.train.paths`); `choice` holds the capacities and the
+  compute dtype.
   """
   dead = dead_features(state, feature_window_tokens)
   grads, terms, out = paths.loss_grads_in_chunks(state.params, x, coefficients, dead,
                                                  graphdef=graphdef, choice=choice,
-                                                 products=products, idx=idx)
+                                                 products=products, idx=idx, heavy=heavy)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   sae = nnx.merge(graphdef, params)
@@ -57,7 +59,8 @@ def train_step(state: TrainState, x: jax.Array, coefficients: Mapping[str, jax.A
   metrics.update({f"coef_{name}": jnp.asarray(v) for name, v in coefficients.items()})
   metrics["dead_fraction"] = jnp.mean((tokens_since_fired >= feature_window_tokens).astype(jnp.float32))
   metrics["dense_fraction"] = metric_defs.dense_fraction(window_fire_count, window_tokens)
-  metrics["sparse_step"] = jnp.asarray(float(idx is not None))
+  on_slots = 0 if idx is None else batch - (0 if heavy is None else heavy.shape[0])
+  metrics["sparse_step"] = jnp.asarray(on_slots / batch, jnp.float32)
 
   window_full = window_tokens >= feature_window_tokens
   new_state = TrainState(
@@ -99,10 +102,10 @@ def compile_steps(spec: SAESpec, mesh: Mesh, state_shardings, rules, tx,
   over the members, or with `sequential_members` one member after another (`lax.map`), which
   is faster where the batched products are slower than single ones.
 
-  On the sparse `path` a train step is `paths.find_support`, then on the host the sparse step
-  on the smallest of `paths.slot_buckets` that holds every member's support, or, where the
-  capacity does not, the dense step on the same products; in a sweep where some members' supports
-  fit and others' do not, those members take the sparse step and the others the dense one.
+  On the sparse `path` a train step is `paths.find_support`, then, chosen on the host for each
+  member, the sparse step on the smallest of `paths.slot_buckets` that holds its support; the
+  split step (the few tokens with the largest supports dense, the others on the slots) where
+  only those tokens overflow; or the dense step on the same products.
   """
   step = functools.partial(train_step, graphdef=spec.graphdef, tx=tx,
                            feature_window_tokens=feature_window_tokens, choice=path)
@@ -130,57 +133,55 @@ def compile_steps(spec: SAESpec, mesh: Mesh, state_shardings, rules, tx,
   products_sharding = {name: NamedSharding(mesh, P(*lead, *sharding.logical_spec(
       ("batch", "features"), rules))) for name in spec.support_products()}
   idx_sharding = NamedSharding(mesh, P(*lead, *sharding.logical_spec(("batch", None), rules)))
+  replicated = NamedSharding(mesh, P())
   support_fn = jax.jit(
       lambda states, x: over_members(lambda s, v: paths.find_support(
           s.params, x, coefficients(s, v), dead_features(s, feature_window_tokens),
           graphdef=spec.graphdef, choice=path))(states),
-      out_shardings=(products_sharding, idx_sharding, NamedSharding(mesh, P())))
-  fallback_fn = jit_sharded(
-      lambda states, x, products: over_members(
-          lambda s, v, p: step(s, x, coefficients(s, v), p))(states, products),
-      mesh, state_shardings, rules, True, (products_sharding,))
-  sparse_fns = {}
+      out_shardings=(products_sharding, idx_sharding, replicated, replicated))
+  steps = {}
   buckets = paths.slot_buckets(path.capacity)
 
-  def sparse_fn(slots: int):
-    """The sparse step on the first `slots` slots (compiled once per slot count)."""
-    if slots not in sparse_fns:
-      sparse_fns[slots] = jit_sharded(
-          lambda states, x, products, idx: over_members(
-              lambda s, v, p, i: step(s, x, coefficients(s, v), p, i[..., :slots]))(
-                  states, products, idx),
-          mesh, state_shardings, rules, True, (products_sharding, idx_sharding))
-    return sparse_fns[slots]
+  def step_fn(modes: tuple[tuple[str, int], ...]):
+    """The train step where each member (one, without a sweep) takes its (path, slots):
+    'dense' (on the support search's products), 'sparse' or 'split' on its first `slots`
+    slots; members of the same path run together. Compiled once per `modes`."""
+    if modes not in steps:
+      def member(mode, slots):
+        return lambda s, v, p, i, h, x: step(s, x, coefficients(s, v), p,
+                                             None if mode == "dense" else i[..., :slots],
+                                             h if mode == "split" else None)
 
-  mixed_fns = {}
+      def fn(states, x, products, idx, heavy):
+        if values is None:
+          return member(*modes[0])(states, None, products, idx, heavy, x)
+        groups = {}
+        for i, mode in enumerate(modes):
+          groups.setdefault(mode, []).append(i)
+        outs = []
+        for mode, ids in groups.items():
+          part = jax.tree.map(lambda a: a[np.asarray(ids)], (states, values, products, idx, heavy))
+          outs.append(batched(lambda *a: member(*mode)(*a, x))(*part))
+        if len(outs) == 1:
+          return outs[0]
+        order = np.argsort([i for ids in groups.values() for i in ids])
+        return jax.tree.map(lambda *a: jnp.concatenate(a)[order], *outs)
 
-  def mixed_fn(sparse_members: tuple[int, ...]):
-    """A sweep step where the members `sparse_members` take the sparse step on all slots and
-    the others the dense one (compiled once per set of members)."""
-    if sparse_members not in mixed_fns:
-      rest = tuple(i for i in range(len(values)) if i not in sparse_members)
-      order = jnp.argsort(jnp.asarray(sparse_members + rest))
-
-      def mixed(states, x, products, idx):
-        take = lambda tree, ids: jax.tree.map(lambda a: a[jnp.asarray(ids)], tree)
-        on_slots = batched(lambda s, v, p, i: step(s, x, coefficients(s, v), p, i[..., :-1]))(
-            *take((states, values, products, idx), sparse_members))
-        dense = batched(lambda s, v, p: step(s, x, coefficients(s, v), p))(
-            *take((states, values, products), rest))
-        return jax.tree.map(lambda a, b: jnp.concatenate([a, b])[order], on_slots, dense)
-
-      mixed_fns[sparse_members] = jit_sharded(mixed, mesh, state_shardings, rules, True,
-                                              (products_sharding, idx_sharding))
-    return mixed_fns[sparse_members]
+      steps[modes] = jit_sharded(fn, mesh, state_shardings, rules, True,
+                                 (products_sharding, idx_sharding, replicated))
+    return steps[modes]
 
   def train_fn(states, x):
-    products, idx, needed = support_fn(states, x)
-    needed = np.asarray(needed)  # the one host sync of a sparse step ([members] in a sweep)
+    products, idx, heavy, needed = support_fn(states, x)
+    needed = np.asarray(needed).reshape(-1, 2)  # the host sync of a sparse step; [members, 2]
     fits = needed <= path.capacity
-    if fits.all():
-      return sparse_fn(next(b for b in buckets if b >= needed.max()))(states, x, products, idx)
-    if values is None or not fits.any():
-      return fallback_fn(states, x, products)
-    return mixed_fn(tuple(int(i) for i in np.flatnonzero(fits)))(states, x, products, idx)
+    modes = ["sparse" if all_fit else "split" if light_fit else "dense"
+             for all_fit, light_fit in fits]
+    if len(set(modes)) == 1:  # every member on one path: the smallest slot bucket that holds it
+      most = needed[:, int(modes[0] == "split")].max()
+      slots = next((b for b in buckets if b >= most), path.capacity)
+    else:
+      slots = path.capacity  # a mixed sweep: all slots (fewer compilations)
+    return step_fn(tuple((m, slots) for m in modes))(states, x, products, idx, heavy)
 
   return train_fn, resample_fn

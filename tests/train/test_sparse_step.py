@@ -89,9 +89,9 @@ def test_one_float32_step_equals_dense(tiny_config, name, kernels):
   coefficients = spec.coefficients_at(jnp.asarray(10**6))
   dead = jnp.arange(D_SAE) % 3 == 0  # AuxK's dead latents too
   sparse = paths.PathChoice(True, capacity=32, dead_capacity=D_SAE, kernels=kernels)
-  products, idx, needed = paths.find_support(params, xs[0], coefficients, dead,
-                                             graphdef=spec.graphdef, choice=sparse)
-  assert int(needed) <= 32
+  products, idx, _, needed = paths.find_support(params, xs[0], coefficients, dead,
+                                                graphdef=spec.graphdef, choice=sparse)
+  assert int(needed[0]) <= 32
   want, want_terms, _ = paths.loss_grads(params, xs[0], coefficients, dead,
                                          graphdef=spec.graphdef, choice=paths.PathChoice(False))
   got, got_terms, _ = paths.loss_grads(params, xs[0], coefficients, dead, graphdef=spec.graphdef,
@@ -143,6 +143,29 @@ def test_overflowing_slots_fall_back_to_dense(tiny_config, name, kernels):
   _assert_params_close(fallback, dense)
 
 
+SPLIT = [n for n in NAMES if registry.get(n).POSITIVE_SUPPORT and registry.get(n).TOKENWISE_LOSS]
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("name", SPLIT)
+def test_split_step_equals_dense(tiny_config, name, kernels):
+  """Two outlier tokens per batch (10x the norm) light up far more features than the 32 slots
+  hold, the other tokens fit: each step runs those two dense and the rest on the slots
+  (`sparse_step` = the share on the slots), and the result is still the dense step's."""
+  c, mesh, spec, rules, tx, xs = _setup(tiny_config, name, (1, 1))
+  xs = xs.at[:, 3:5].multiply(10.0)
+  setup = (c, mesh, spec, rules, tx, xs)
+  batch = xs.shape[1]
+  dense, _, _ = _train(setup, paths.PathChoice(sparse=False))
+  split, flags, _ = _train(setup, paths.PathChoice(True, capacity=32, dead_capacity=D_SAE,
+                                                   kernels=kernels, split_rows=2))
+  assert flags == [(batch - 2) / batch] * STEPS
+  _assert_params_close(split, dense)
+  _, too_few, _ = _train(setup, paths.PathChoice(True, capacity=32, dead_capacity=D_SAE,
+                                                 kernels=kernels, split_rows=1))
+  assert too_few == [0.0] * STEPS  # one dense row cannot hold both outliers: the dense step
+
+
 def test_too_many_dead_latents_fall_back_to_dense(tiny_config):
   """AuxK's dead-latent view holds dead_capacity features; more dead ones: the dense step."""
   name = next(n for n in NAMES if registry.get(n).SUPPORT_BIAS is None)  # one with AuxK
@@ -159,6 +182,7 @@ def test_auto_path_is_dense_for_small_dictionaries_and_sparse_for_large(tiny_con
   c.sae.d_sae = 65536
   choice = paths.choose(c.train, describe(c, c.data.d_in))
   assert choice.sparse and choice.capacity == 128
+  assert choice.split_rows == c.train.batch_size // 32 > 0
   c.train.path = "dense"
   assert not paths.choose(c.train, describe(c, c.data.d_in)).sparse
 
