@@ -1,11 +1,12 @@
 r"""Cost of a sweep (one data pass) versus separate runs, per training step.
 
   python benchmarks/sweep.py --d_in=640 --d_sae=2048 --batch=1024 --members=3
+  python benchmarks/sweep.py --d_sae=10240 --batch=4096 --path=sparse --l0=32
 
 Times the jitted train step of a K-member sweep state, its members vmapped and run one after
-another (`sweep.execution`), against one single-SAE step on the same batch (best of --steps
-each, interleaved so that machine noise hits all alike). Data loading is not included: a real
-sweep additionally saves K - 1 reads of every batch.
+another (`sweep.execution`), against one single-SAE step on the same batch (best
+of --steps each, interleaved so that machine noise hits all alike). Data loading is not
+included: a real sweep additionally saves K - 1 reads of every batch.
 """
 
 from __future__ import annotations
@@ -35,19 +36,28 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per variant (the best one
 _DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                            "train.compute_dtype.")
 _ARCH = flags.DEFINE_enum("architecture", registry.names()[0], registry.names(), "SAE architecture.")
+_PATH = flags.DEFINE_enum("path", "dense", ["dense", "sparse"], "train.path.")
+_L0 = flags.DEFINE_float("l0", None, "Each member's L0 on the batch (its support bias shifted, "
+                         "as in train_step.py); default: the initial state's.")
+EXECUTIONS = ("vmap", "sequential")
 
 
-def _stepper(grid, sequential=False):
+def _stepper(grid, x, execution="vmap"):
   c = base.get_config()
   c.sae.architecture, c.sae.d_sae, c.train.batch_size = _ARCH.value, _D_SAE.value, _BATCH.value
+  c.train.compute_dtype, c.train.path, c.train.batch_chunks = _DTYPE.value, _PATH.value, 1
+  single = describe(c, _D_IN.value)
   c.sweep.grid = grid  # over the architecture's first coefficient
-  c.train.compute_dtype, c.train.path, c.train.batch_chunks = _DTYPE.value, "dense", 1
   mesh = sharding.make_mesh(1, 1)
   spec, rules = describe(c, _D_IN.value), tuple(map(tuple, c.mesh.rules))
   tx = optim.make_optimizer(c.optim, c.train.steps, spec.architecture.UNIT_NORM_DECODER)
   state, shardings = create_train_state(spec, mesh, rules, tx)
+  if _L0.value:
+    shift = lambda p: paths.with_support_l0(single, p, x, _L0.value)
+    params = jax.vmap(shift)(state.params) if grid else shift(state.params)
+    state = state.replace(params=jax.device_put(params, shardings.params))
   step, _ = compile_steps(spec, mesh, shardings, rules, tx, c.train.feature_window_tokens,
-                          paths.choose(c.train, spec), sequential_members=sequential)
+                          paths.choose(c.train, spec), execution)
   return [state, step]
 
 
@@ -63,16 +73,18 @@ def main(argv):
   k = _MEMBERS.value
   x = jax.random.normal(jax.random.key(0), (_BATCH.value, _D_IN.value))
   grid = tuple(float(2**i) for i in range(k))
-  steppers = {"vmap": _stepper(grid), "sequential": _stepper(grid, True), "single": _stepper(())}
+  steppers = {e: _stepper(grid, x, e) for e in EXECUTIONS}
+  steppers["single"] = _stepper((), x)
   best = {name: float("inf") for name in steppers}
   for holder in steppers.values():
     _time(holder, x)  # compile
   for _ in range(_STEPS.value):
     for name, holder in steppers.items():
       best[name] = min(best[name], _time(holder, x))
-  print(f"{_ARCH.value} n={_D_IN.value} M={_D_SAE.value} batch={_BATCH.value}, {k} members: "
+  print(f"{_ARCH.value} {_PATH.value} n={_D_IN.value} M={_D_SAE.value} batch={_BATCH.value}, "
+        f"{k} members: "
         + ", ".join(f"{name} sweep {best[name]:.3f} s/step ({best[name] / best['single']:.2f}x "
-                    f"one member's step)" for name in ("vmap", "sequential"))
+                    f"one member's step)" for name in EXECUTIONS)
         + f"; {k} separate steps {k * best['single']:.3f} s")
 
 

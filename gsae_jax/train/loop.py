@@ -87,7 +87,7 @@ def train(config, mesh: Mesh, batches: BatchIterator, spec: SAESpec,
   path = paths.choose(config.train, spec, mesh.shape["data"], mesh.size)
   train_step, resample_step = compile_steps(
       spec, mesh, shardings, rules, tx, int(config.train.feature_window_tokens), path,
-      paths.sequential_members(config.sweep, path))
+      paths.member_execution(config.sweep, path))
   config_dict = config.to_dict()
 
   def save(step: int, force: bool) -> None:

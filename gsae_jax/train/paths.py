@@ -110,8 +110,10 @@ def describe_choice(choice: PathChoice) -> str:
   """One line for the run's log, e.g. 'sparse step (128 slots per token, dense when a support
   does not fit), batch in 1 part, float32 matmuls'."""
   kernels = ", CPU row kernels" if choice.kernels else ""
-  path = (f"sparse step ({choice.capacity} slots per token{kernels}, dense when a support does "
-          f"not fit)" if choice.sparse else "dense step")
+  split = (f"; the {choice.split_rows} tokens with the largest supports dense when only they do "
+           f"not fit" if choice.split_rows else "")
+  path = (f"sparse step ({choice.capacity} slots per token{kernels}{split}; dense when supports "
+          f"do not fit)" if choice.sparse else "dense step")
   dtype = "bfloat16" if choice.compute_dtype is not None else "float32"
   parts = "part" if choice.batch_chunks == 1 else "parts"
   return f"{path}, batch in {choice.batch_chunks} {parts}, {dtype} matmuls"
@@ -139,14 +141,15 @@ def batch_chunks(train_config, spec: SAESpec, data_parallel: int, sparse: bool =
   return chunks
 
 
-def sequential_members(sweep_config, choice: PathChoice) -> bool:
-  """Whether a sweep's members run one after another (`sweep.execution`). 'auto': on CPU,
-  where a vmapped sweep measured 0.78x the speed of separate steps (BUILD_NOTES), and on the
-  sparse path (vmapped gathers and scatter-adds batch poorly)."""
+def member_execution(sweep_config, choice: PathChoice) -> str:
+  """How a sweep's members run (`sweep.execution`): 'vmap' or 'sequential'. 'auto':
+  sequential on CPU, where a vmapped sweep measured 0.78x the speed of separate steps
+  (BUILD_NOTES "Sweeps"), and on the sparse path (vmapped gathers and scatter-adds batch
+  poorly); vmap otherwise."""
   execution = sweep_config.get("execution", "vmap")
   if execution == "auto":
-    return choice.sparse or _on_cpu()
-  return execution == "sequential"
+    return "sequential" if choice.sparse or _on_cpu() else "vmap"
+  return execution
 
 
 def find_support(params, x: jax.Array, coefficients: Mapping[str, jax.Array], dead: jax.Array,

@@ -82,6 +82,16 @@ def resample_step(state: TrainState, x: jax.Array, *, graphdef, tx, logical_axes
                        tokens_since_fired=jnp.where(dead, 0, state.tokens_since_fired))
 
 
+def over_members_by(execution: str):
+  """fn of one member -> fn of the stacked members (leading axis of every argument):
+  'vmap' batches the members' products; 'sequential' runs them one after another (`lax.map`)."""
+  if execution == "vmap":
+    return jax.vmap
+  if execution == "sequential":
+    return lambda fn: lambda *a: jax.lax.map(lambda args: fn(*args), a)
+  raise ValueError(f"sweep.execution={execution!r}: expected vmap or sequential")
+
+
 def jit_sharded(fn, mesh: Mesh, state_shardings, rules, with_metrics: bool, extra=()):
   """jax.jit of fn(state, x, *extra_args) with the state sharded by the rules and donated;
   `extra` holds the shardings of the extra arguments."""
@@ -94,13 +104,13 @@ def jit_sharded(fn, mesh: Mesh, state_shardings, rules, with_metrics: bool, extr
 
 def compile_steps(spec: SAESpec, mesh: Mesh, state_shardings, rules, tx,
                   feature_window_tokens: int, path: paths.PathChoice = paths.PathChoice(False),
-                  sequential_members: bool = False):
+                  execution: str = "vmap"):
   """(train_step, resample_step): callables (state, x) -> ..., jitted with shardings.
 
   With a sweep (`spec.sweep`), the state has a leading member axis and each member trains at
-  its own value of the swept coefficient on the same batch (one data pass): `jax.vmap`ped
-  over the members, or with `sequential_members` one member after another (`lax.map`), which
-  is faster where the batched products are slower than single ones.
+  its own value of the swept coefficient on the same batch (one data pass), as `execution`
+  says (`over_members_by`): 'vmap' or 'sequential' (`lax.map`), which is faster where the
+  batched products are slower than single ones.
 
   On the sparse `path` a train step is `paths.find_support`, then, chosen on the host for each
   member, the sparse step on the smallest of `paths.slot_buckets` that holds its support; the
@@ -113,8 +123,7 @@ def compile_steps(spec: SAESpec, mesh: Mesh, state_shardings, rules, tx,
                                logical_axes=spec.logical_axes,
                                feature_window_tokens=feature_window_tokens)
   values = spec.sweep_values()
-  batched = ((lambda fn: lambda *a: jax.lax.map(lambda args: fn(*args), a))
-             if sequential_members else jax.vmap)
+  batched = over_members_by(execution)
   if values is None:
     over_members = lambda fn: lambda states, *a: fn(states, None, *a)
     coefficients = lambda s, v: spec.coefficients_at(s.step)
@@ -155,6 +164,8 @@ def compile_steps(spec: SAESpec, mesh: Mesh, state_shardings, rules, tx,
       def fn(states, x, products, idx, heavy):
         if values is None:
           return member(*modes[0])(states, None, products, idx, heavy, x)
+        if len(set(modes)) == 1:
+          return batched(lambda *a: member(*modes[0])(*a, x))(states, values, products, idx, heavy)
         groups = {}
         for i, mode in enumerate(modes):
           groups.setdefault(mode, []).append(i)
@@ -162,8 +173,6 @@ def compile_steps(spec: SAESpec, mesh: Mesh, state_shardings, rules, tx,
         for mode, ids in groups.items():
           part = jax.tree.map(lambda a: a[np.asarray(ids)], (states, values, products, idx, heavy))
           outs.append(batched(lambda *a: member(*mode)(*a, x))(*part))
-        if len(outs) == 1:
-          return outs[0]
         order = np.argsort([i for ids in groups.values() for i in ids])
         return jax.tree.map(lambda *a: jnp.concatenate(a)[order], *outs)
 

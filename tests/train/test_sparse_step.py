@@ -197,7 +197,8 @@ def test_auto_on_accelerators_follows_their_measurements(tiny_config, monkeypatc
   assert not choice.sparse and choice.batch_chunks == 1
   c.sae.architecture, c.sae.topk.k = "topk", 32  # 1/2048
   assert paths.choose(c.train, describe(c, c.data.d_in)).sparse
-  assert not paths.sequential_members(c.sweep, paths.PathChoice(False))
+  assert paths.member_execution(c.sweep, paths.PathChoice(False)) == "vmap"
+  assert paths.member_execution(c.sweep, paths.PathChoice(True)) == "sequential"
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   assert paths.choose(c.train, describe(c, c.data.d_in)).sparse
   c.sae.architecture = "gated"
@@ -205,7 +206,7 @@ def test_auto_on_accelerators_follows_their_measurements(tiny_config, monkeypatc
   assert choice.sparse and choice.batch_chunks == 1
   c.train.path = "dense"
   assert paths.choose(c.train, describe(c, c.data.d_in)).batch_chunks == 4
-  assert paths.sequential_members(c.sweep, paths.PathChoice(False))
+  assert paths.member_execution(c.sweep, paths.PathChoice(False)) == "sequential"
 
 
 def test_sparse_path_refused_where_the_gradient_is_dense(tiny_config):

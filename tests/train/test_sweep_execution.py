@@ -13,9 +13,10 @@ from gsae_jax.train.state import create_train_state
 from gsae_jax.train.step import compile_steps
 
 STEPS = 3
+EXECUTIONS = ["vmap", "sequential"]
 
 
-def _sweep(tiny_config, name, sequential, choice, dtype="float32"):
+def _sweep(tiny_config, name, execution, choice, dtype="float32"):
   c = tiny_config.copy_and_resolve_references()
   c.sae.architecture, c.sae.param_dtype = name, dtype
   coef = registry.get(name).COEFFICIENTS[0]
@@ -25,7 +26,7 @@ def _sweep(tiny_config, name, sequential, choice, dtype="float32"):
   tx = optim.make_optimizer(c.optim, 100, spec.architecture.UNIT_NORM_DECODER)
   state, shardings = create_train_state(spec, mesh, rules, tx)
   step, _ = compile_steps(spec, mesh, shardings, rules, tx, c.train.feature_window_tokens,
-                          choice, sequential)
+                          choice, execution)
   xs = jax.random.normal(jax.random.key(3), (STEPS, c.train.batch_size, c.data.d_in), dtype)
   for x in xs:
     state, metrics = step(state, x)
@@ -35,19 +36,19 @@ def _sweep(tiny_config, name, sequential, choice, dtype="float32"):
 @pytest.mark.parametrize("name", ["gated", "topk"])
 def test_sequential_members_equal_vmapped(tiny_config, name):
   dense = paths.PathChoice(False)
-  vmapped, _ = _sweep(tiny_config, name, False, dense)
-  sequential, _ = _sweep(tiny_config, name, True, dense)
+  vmapped, _ = _sweep(tiny_config, name, "vmap", dense)
+  sequential, _ = _sweep(tiny_config, name, "sequential", dense)
   for k, v in vmapped.items():
     np.testing.assert_allclose(sequential[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
 
 
-@pytest.mark.parametrize("sequential", [True, False])
-def test_sparse_sweep_takes_the_sparse_path_for_every_member(tiny_config, sequential):
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_sparse_sweep_takes_the_sparse_path_for_every_member(tiny_config, execution):
   """k = 2, 3, 5 of 64 features: every member's support fits 5 slots. float64, as in
   tests/train/test_sparse_step.py (float32 rounding at the selection's edge is chaotic)."""
   with jax.enable_x64(True):
-    dense, _ = _sweep(tiny_config, "topk", sequential, paths.PathChoice(False), "float64")
-    sparse, flags = _sweep(tiny_config, "topk", sequential,
+    dense, _ = _sweep(tiny_config, "topk", execution, paths.PathChoice(False), "float64")
+    sparse, flags = _sweep(tiny_config, "topk", execution,
                            paths.PathChoice(True, capacity=5, dead_capacity=64), "float64")
   assert flags.tolist() == [1.0, 1.0, 1.0]
   for k, v in dense.items():
@@ -55,13 +56,13 @@ def test_sparse_sweep_takes_the_sparse_path_for_every_member(tiny_config, sequen
 
 
 @pytest.mark.parametrize("kernels", [False, True])
-@pytest.mark.parametrize("sequential", [True, False])
-def test_members_whose_support_overflows_take_the_dense_step(tiny_config, sequential, kernels):
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_members_whose_support_overflows_take_the_dense_step(tiny_config, execution, kernels):
   """k = 2, 3, 5 with 4 slots: members k = 2, 3 take the sparse step, k = 5 the dense one, in
   the same step, and the sweep still equals the dense one."""
   with jax.enable_x64(True):
-    dense, _ = _sweep(tiny_config, "topk", sequential, paths.PathChoice(False), "float64")
-    mixed, flags = _sweep(tiny_config, "topk", sequential,
+    dense, _ = _sweep(tiny_config, "topk", execution, paths.PathChoice(False), "float64")
+    mixed, flags = _sweep(tiny_config, "topk", execution,
                           paths.PathChoice(True, capacity=4, dead_capacity=64, kernels=kernels),
                           "float64")
   assert flags.tolist() == [1.0, 1.0, 0.0]
