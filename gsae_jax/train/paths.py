@@ -107,8 +107,9 @@ def choose(train_config, spec: SAESpec, data_parallel: int = 1, devices: int = 1
 
 
 def describe_choice(choice: PathChoice) -> str:
-  """One line for the run's log, e.g. 'sparse step (128 slots per token, dense when a support
-  does not fit), batch in 1 part, float32 matmuls'."""
+  """One line for the run's log, e.g. 'sparse step (128 slots per token, CPU row kernels; the 32
+  tokens with the largest supports dense when only they do not fit; dense when supports do not
+  fit), batch in 1 part, float32 matmuls'."""
   kernels = ", CPU row kernels" if choice.kernels else ""
   split = (f"; the {choice.split_rows} tokens with the largest supports dense when only they do "
            f"not fit" if choice.split_rows else "")
