@@ -172,11 +172,10 @@ def find_support(params, x: jax.Array, coefficients: Mapping[str, jax.Array], de
     idx, count = rows.positive_slots(score, over)
   else:
     top, idx = features.slots(score, choice.capacity)
-    count = (jnp.sum(score > 0, axis=-1) if choice.split_rows and sae.POSITIVE_SUPPORT
-             else None)
-    needed = sae.slots_needed(top, coefficients, dead, choice.dead_capacity)
-  if count is None:  # no split step: needed for all tokens only
-    return recorder.products, idx, jnp.zeros((0,), jnp.int32), jnp.stack([needed, over])
+    if not (choice.split_rows and sae.POSITIVE_SUPPORT):  # no split step: all tokens only
+      needed = sae.slots_needed(top, coefficients, dead, choice.dead_capacity)
+      return recorder.products, idx, jnp.zeros((0,), jnp.int32), jnp.stack([needed, over])
+    count = jnp.sum(score > 0, axis=-1)
   largest, heavy = jax.lax.top_k(count, choice.split_rows + 1)
   needed = jnp.minimum(largest[jnp.asarray([0, choice.split_rows])], over).astype(jnp.int32)
   if not choice.split_rows:
