@@ -3,8 +3,8 @@ r"""Cost of a sweep (one data pass) versus separate runs, per training step.
   python benchmarks/sweep.py --d_in=640 --d_sae=2048 --batch=1024 --members=3
   python benchmarks/sweep.py --d_sae=10240 --batch=4096 --path=sparse --l0=32
 
-Times the jitted train step of a K-member sweep state, its members vmapped and run one after
-another (`sweep.execution`), against one single-SAE step on the same batch (best
+Times the jitted train step of a K-member sweep state, its members vmapped, run one after
+another in one program, or held as separate states (`sweep.execution`), against one single-SAE step on the same batch (best
 of --steps each, interleaved so that machine noise hits all alike). Data loading is not
 included: a real sweep additionally saves K - 1 reads of every batch.
 """
@@ -16,6 +16,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from gsae_jax import host_memory  # noqa: E402
+
+host_memory.keep_freed_memory()  # before JAX starts threads, as the launch/ entry points do
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
@@ -39,7 +42,7 @@ _ARCH = flags.DEFINE_enum("architecture", registry.names()[0], registry.names(),
 _PATH = flags.DEFINE_enum("path", "dense", ["dense", "sparse"], "train.path.")
 _L0 = flags.DEFINE_float("l0", None, "Each member's L0 on the batch (its support bias shifted, "
                          "as in train_step.py); default: the initial state's.")
-EXECUTIONS = ("vmap", "sequential")
+EXECUTIONS = ("vmap", "sequential", "separate")
 
 
 def _stepper(grid, x, execution="vmap"):
@@ -56,9 +59,9 @@ def _stepper(grid, x, execution="vmap"):
     shift = lambda p: paths.with_support_l0(single, p, x, _L0.value)
     params = jax.vmap(shift)(state.params) if grid else shift(state.params)
     state = state.replace(params=jax.device_put(params, shardings.params))
-  step, _ = compile_steps(spec, mesh, shardings, rules, tx, c.train.feature_window_tokens,
-                          paths.choose(c.train, spec), execution)
-  return [state, step]
+  compiled = compile_steps(spec, mesh, shardings, rules, tx, c.train.feature_window_tokens,
+                           paths.choose(c.train, spec), execution)
+  return [compiled.hold(state), compiled.train]
 
 
 def _time(holder, x) -> float:

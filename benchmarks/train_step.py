@@ -17,6 +17,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from gsae_jax import host_memory  # noqa: E402
+
+host_memory.keep_freed_memory()  # before JAX starts threads, as the launch/ entry points do
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -88,7 +91,8 @@ def train_step_timer(architecture: str, d_in: int, d_sae: int, batch: int, path:
   tx = optim.make_optimizer(c.optim, c.train.steps, spec.architecture.UNIT_NORM_DECODER)
   state, shardings = create_train_state(spec, mesh, rules, tx)
   choice = paths.choose(c.train, spec, mesh.shape["data"], mesh.size)
-  step, _ = compile_steps(spec, mesh, shardings, rules, tx, c.train.feature_window_tokens, choice)
+  step = compile_steps(spec, mesh, shardings, rules, tx, c.train.feature_window_tokens,
+                       choice).train
   x = jax.device_put(jax.random.normal(jax.random.key(2), (batch, d_in)),
                      jax.sharding.NamedSharding(mesh, sharding.batch_spec()))
   if l0 and not integer:  # e.g. b_gate shifted: a trained SAE's sparsity on this batch

@@ -26,8 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.sweep.grid = ()                   # non-empty: train one SAE per value in one data pass
                                       # (jax.vmap over the grid); the block's value is unused
   c.sweep.execution = "auto"          # 'vmap' | 'sequential' (members one after another on
-                                      # the shared batch) | 'auto' (sequential on CPU and on
-                                      # the sparse path, vmap elsewhere)
+                                      # the shared batch, in one program) | 'separate' (each
+                                      # member's state its own arrays, stepped one after
+                                      # another) | 'auto' (separate on CPU, sequential on an
+                                      # accelerator's sparse path, vmap elsewhere)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 3e-4                   # the paper's LR for every Gated SAE

@@ -14,7 +14,7 @@ from gsae_jax.sae import registry
 
 DATA_SOURCES = ("synthetic", "shards", "lm")
 PATHS = ("auto", "dense", "sparse")  # train.path: gsae_jax/train/paths.py
-SWEEP_EXECUTIONS = ("auto", "vmap", "sequential")
+SWEEP_EXECUTIONS = ("auto", "vmap", "sequential", "separate")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 SEED_LIMIT = 2**31  # JAX keys take 32 bits: larger seeds wrap onto smaller ones (or overflow)
 

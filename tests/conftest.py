@@ -1,6 +1,11 @@
-"""Test-wide setup: 8 fake CPU devices (set before JAX starts) and shared tiny configs."""
+"""Test-wide setup: 8 fake CPU devices and malloc that reuses freed memory (both set before
+JAX starts), and shared tiny configs."""
 
 import os
+
+from gsae_jax import host_memory
+
+host_memory.keep_freed_memory()
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()

@@ -85,19 +85,22 @@ def train(config, mesh: Mesh, batches: BatchIterator, spec: SAESpec,
       state = _b_dec_at_data_mean(state, batches, config.sae.init_b_dec_batches,
                                   shardings.params["b_dec"])
   path = paths.choose(config.train, spec, mesh.shape["data"], mesh.size)
-  train_step, resample_step = compile_steps(
+  compiled = compile_steps(
       spec, mesh, shardings, rules, tx, int(config.train.feature_window_tokens), path,
       paths.member_execution(config.sweep, path))
   config_dict = config.to_dict()
+  start = int(np.asarray(state.step).flat[0])  # a sweep's members share the step
+  held = compiled.hold(state)
+  del state  # the steps donate the held state's buffers
 
   def save(step: int, force: bool) -> None:
     if checkpointer and checkpointer.due(step, force):
+      state = compiled.release(held)
       if not bool(_all_finite(state.params)):
         raise _diverged(step, "non-finite parameters", checkpointer)
       checkpointer.save(step, state, batches.get_state(), config_dict, force=force)
 
   every, until = config.train.resample_every, config.train.resample_until
-  start = int(np.asarray(state.step).flat[0])  # a sweep's members share the step
   t0, t_step = time.perf_counter(), start
   for step in range(start, steps):
     try:
@@ -105,10 +108,10 @@ def train(config, mesh: Mesh, batches: BatchIterator, spec: SAESpec,
     except StopIteration:  # data.num_epochs ran out: keep what was trained
       save(step, force=True)
       break
-    state, metrics = train_step(state, x)
+    held, metrics = compiled.train(held, x)
     done = step + 1
     if every and done % every == 0 and (until == 0 or done < until):
-      state = resample_step(state, x)
+      held = compiled.resample(held, x)
     if on_metrics and (done % config.train.log_every == 0 or done == steps):
       # floats, or lists over the members of a sweep
       metrics = {k: np.asarray(v).tolist() for k, v in jax.device_get(metrics).items()}
@@ -125,4 +128,4 @@ def train(config, mesh: Mesh, batches: BatchIterator, spec: SAESpec,
       break
   if checkpointer:
     checkpointer.wait()
-  return state
+  return compiled.release(held)

@@ -143,13 +143,14 @@ def batch_chunks(train_config, spec: SAESpec, data_parallel: int, sparse: bool =
 
 
 def member_execution(sweep_config, choice: PathChoice) -> str:
-  """How a sweep's members run (`sweep.execution`): 'vmap' or 'sequential'. 'auto':
-  sequential on CPU, where a vmapped sweep measured 0.78x the speed of separate steps
-  (BUILD_NOTES "Sweeps"), and on the sparse path (vmapped gathers and scatter-adds batch
-  poorly); vmap otherwise."""
+  """How a sweep's members run (`sweep.execution`): 'vmap', 'sequential' or 'separate'.
+  'auto': separate on CPU, where a vmapped sweep measured 0.78x the speed of separate steps
+  and a sparse sweep over the stacked state paid for copying each member's new state into it
+  (BUILD_NOTES "Sweeps"); sequential on an accelerator's sparse path (vmapped gathers and
+  scatter-adds batch poorly); vmap otherwise."""
   execution = sweep_config.get("execution", "vmap")
   if execution == "auto":
-    return "sequential" if choice.sparse or _on_cpu() else "vmap"
+    return "separate" if _on_cpu() else "sequential" if choice.sparse else "vmap"
   return execution
 
 

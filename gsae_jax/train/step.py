@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -89,7 +89,24 @@ def over_members_by(execution: str):
     return jax.vmap
   if execution == "sequential":
     return lambda fn: lambda *a: jax.lax.map(lambda args: fn(*args), a)
-  raise ValueError(f"sweep.execution={execution!r}: expected vmap or sequential")
+  raise ValueError(f"sweep.execution={execution!r}: expected vmap, sequential or separate")
+
+
+def _same(state):
+  return state
+
+
+class CompiledSteps(NamedTuple):
+  """A run's jitted steps and the form of the state they take: `train(held, x)` -> (held,
+  metrics) and `resample(held, x)` -> held, where `held = hold(state)`; `release(held)` is the
+  TrainState again (stacked over a sweep's members), for checkpoints and the caller. `dense` is
+  the jitted dense step (held unit, x, swept value(s) or None) -> (held unit, metrics), to lower."""
+
+  train: Callable
+  resample: Callable
+  dense: Callable
+  hold: Callable = _same
+  release: Callable = _same
 
 
 def jit_sharded(fn, mesh: Mesh, state_shardings, rules, with_metrics: bool, extra=()):
@@ -104,13 +121,15 @@ def jit_sharded(fn, mesh: Mesh, state_shardings, rules, with_metrics: bool, extr
 
 def compile_steps(spec: SAESpec, mesh: Mesh, state_shardings, rules, tx,
                   feature_window_tokens: int, path: paths.PathChoice = paths.PathChoice(False),
-                  execution: str = "vmap"):
-  """(train_step, resample_step): callables (state, x) -> ..., jitted with shardings.
+                  execution: str = "vmap") -> CompiledSteps:
+  """The train and resample steps, jitted with shardings (`CompiledSteps`).
 
   With a sweep (`spec.sweep`), the state has a leading member axis and each member trains at
   its own value of the swept coefficient on the same batch (one data pass), as `execution`
-  says (`over_members_by`): 'vmap' or 'sequential' (`lax.map`), which is faster where the
-  batched products are slower than single ones.
+  says: 'vmap' or 'sequential' (`lax.map`) in one program over the stacked state
+  (`over_members_by`), or 'separate': each member's state held as its own arrays and stepped by
+  the one jitted single-SAE step (its coefficient a traced argument), so that no member's new
+  state is copied into a stacked buffer (BUILD_NOTES "Sweeps").
 
   On the sparse `path` a train step is `paths.find_support`, then, chosen on the host for each
   member, the sparse step on the smallest of `paths.slot_buckets` that holds its support; the
@@ -123,30 +142,64 @@ def compile_steps(spec: SAESpec, mesh: Mesh, state_shardings, rules, tx,
                                logical_axes=spec.logical_axes,
                                feature_window_tokens=feature_window_tokens)
   values = spec.sweep_values()
-  batched = over_members_by(execution)
-  if values is None:
-    over_members = lambda fn: lambda states, *a: fn(states, None, *a)
-    coefficients = lambda s, v: spec.coefficients_at(s.step)
-  else:
-    over_members = lambda fn: lambda states, *a: batched(fn)(states, values, *a)
-    coefficients = lambda s, v: spec.coefficients_at(s.step, v)
-  resample_fn = jit_sharded(lambda states, x: over_members(lambda s, v: resample(s, x))(states),
-                            mesh, state_shardings, rules, False)
+  apart = values is not None and execution == "separate"
+  stacked = values is not None and not apart
+  # lift(fn of (one state, its value, ...)) -> fn of the held state, values and the rest
+  lift = over_members_by(execution) if stacked else (lambda fn: fn)
+  coefficients = lambda s, v: spec.coefficients_at(s.step, v)
+  held_shardings = state_shardings
+  if apart:
+    held_shardings = jax.tree.map(lambda s: NamedSharding(mesh, P(*s.spec[1:])), state_shardings)
+  replicated = NamedSharding(mesh, P())
+  resample_fn = jit_sharded(
+      lambda s, x, v: lift(lambda s, v: resample(s, x))(s, v),
+      mesh, held_shardings, rules, False, (replicated,))
   dense_fn = jit_sharded(
-      lambda states, x: over_members(lambda s, v: step(s, x, coefficients(s, v)))(states),
-      mesh, state_shardings, rules, True)
-  if not path.sparse:
-    return dense_fn, resample_fn
+      lambda s, x, v: lift(lambda s, v: step(s, x, coefficients(s, v)))(s, v),
+      mesh, held_shardings, rules, True, (replicated,))
 
-  lead = (None,) if values is not None else ()
+  if path.sparse:
+    unit_search, unit_finish = _sparse_steps(step, coefficients, lift, spec, mesh, held_shardings,
+                                             rules, path, stacked, feature_window_tokens)
+  else:
+    unit_search, unit_finish = (lambda s, x, v: None), (lambda s, x, v, _: dense_fn(s, x, v))
+
+  if not apart:
+    return CompiledSteps(lambda s, x: unit_finish(s, x, values, unit_search(s, x, values)),
+                         lambda s, x: resample_fn(s, x, values), dense_fn)
+
+  member_values = list(values)
+  stack = lambda members: jax.tree.map(lambda *a: jnp.stack(a), *members)
+  stack_metrics = jax.jit(stack, out_shardings=replicated)
+
+  def train_apart(members, x):
+    found = [unit_search(s, x, v) for s, v in zip(members, member_values)]  # dispatched first
+    out = [unit_finish(s, x, v, f) for s, v, f in zip(members, member_values, found)]
+    return tuple(s for s, _ in out), stack_metrics([m for _, m in out])
+
+  def resample_apart(members, x):
+    return tuple(resample_fn(s, x, v) for s, v in zip(members, member_values))
+
+  split = lambda state: tuple(jax.tree.map(lambda a: a[i], state) for i in range(spec.members))
+  hold = jax.jit(split, out_shardings=(held_shardings,) * spec.members)
+  release = jax.jit(lambda members: stack(members), out_shardings=state_shardings)
+  return CompiledSteps(train_apart, resample_apart, dense_fn, hold, release)
+
+
+def _sparse_steps(step, coefficients, lift, spec: SAESpec, mesh: Mesh, held_shardings, rules,
+                  path: paths.PathChoice, stacked: bool, feature_window_tokens: int):
+  """(search, finish) of the sparse path for the held state s (stacked members or one SAE)
+  and its value(s) v: `search(s, x, v)` dispatches `paths.find_support`; `finish(s, x, v,
+  found)` reads the support sizes (the host sync) and runs each member's step."""
+  lead = (None,) if stacked else ()
   products_sharding = {name: NamedSharding(mesh, P(*lead, *sharding.logical_spec(
       ("batch", "features"), rules))) for name in spec.support_products()}
   idx_sharding = NamedSharding(mesh, P(*lead, *sharding.logical_spec(("batch", None), rules)))
   replicated = NamedSharding(mesh, P())
-  support_fn = jax.jit(
-      lambda states, x: over_members(lambda s, v: paths.find_support(
+  search = jax.jit(
+      lambda s, x, v: lift(lambda s, v: paths.find_support(
           s.params, x, coefficients(s, v), dead_features(s, feature_window_tokens),
-          graphdef=spec.graphdef, choice=path))(states),
+          graphdef=spec.graphdef, choice=path))(s, v),
       out_shardings=(products_sharding, idx_sharding, replicated, replicated))
   steps = {}
   buckets = paths.slot_buckets(path.capacity)
@@ -161,27 +214,25 @@ def compile_steps(spec: SAESpec, mesh: Mesh, state_shardings, rules, tx,
                                              None if mode == "dense" else i[..., :slots],
                                              h if mode == "split" else None)
 
-      def fn(states, x, products, idx, heavy):
-        if values is None:
-          return member(*modes[0])(states, None, products, idx, heavy, x)
+      def fn(states, x, values, products, idx, heavy):
         if len(set(modes)) == 1:
-          return batched(lambda *a: member(*modes[0])(*a, x))(states, values, products, idx, heavy)
+          return lift(lambda *a: member(*modes[0])(*a, x))(states, values, products, idx, heavy)
         groups = {}
         for i, mode in enumerate(modes):
           groups.setdefault(mode, []).append(i)
         outs = []
         for mode, ids in groups.items():
           part = jax.tree.map(lambda a: a[np.asarray(ids)], (states, values, products, idx, heavy))
-          outs.append(batched(lambda *a: member(*mode)(*a, x))(*part))
+          outs.append(lift(lambda *a: member(*mode)(*a, x))(*part))
         order = np.argsort([i for ids in groups.values() for i in ids])
         return jax.tree.map(lambda *a: jnp.concatenate(a)[order], *outs)
 
-      steps[modes] = jit_sharded(fn, mesh, state_shardings, rules, True,
-                                 (products_sharding, idx_sharding, replicated))
+      steps[modes] = jit_sharded(fn, mesh, held_shardings, rules, True,
+                                 (replicated, products_sharding, idx_sharding, replicated))
     return steps[modes]
 
-  def train_fn(states, x):
-    products, idx, heavy, needed = support_fn(states, x)
+  def finish(states, x, values, found):
+    products, idx, heavy, needed = found
     needed = np.asarray(needed).reshape(-1, 2)  # the host sync of a sparse step; [members, 2]
     fits = needed <= path.capacity
     modes = ["sparse" if all_fit else "split" if light_fit else "dense"
@@ -191,6 +242,6 @@ def compile_steps(spec: SAESpec, mesh: Mesh, state_shardings, rules, tx,
       slots = next((b for b in buckets if b >= most), path.capacity)
     else:
       slots = path.capacity  # a mixed sweep: all slots (fewer compilations)
-    return step_fn(tuple((m, slots) for m in modes))(states, x, products, idx, heavy)
+    return step_fn(tuple((m, slots) for m in modes))(states, x, values, products, idx, heavy)
 
-  return train_fn, resample_fn
+  return search, finish

@@ -110,10 +110,10 @@ def _compiled_step(config, d_in, mesh_shape):
   spec, rules = describe(config, d_in), tuple(map(tuple, config.mesh.rules))
   tx = optim.make_optimizer(config.optim, config.train.steps, spec.architecture.UNIT_NORM_DECODER)
   abstract, shardings, _ = abstract_train_state(spec, mesh, rules, tx)
-  step, _ = compile_steps(spec, mesh, shardings, rules, tx, config.train.feature_window_tokens)
+  step = compile_steps(spec, mesh, shardings, rules, tx, config.train.feature_window_tokens).dense
   x = jax.ShapeDtypeStruct((config.train.batch_size, d_in), jnp.float32,
                            sharding=jax.sharding.NamedSharding(mesh, sharding.batch_spec()))
-  return step.lower(abstract, x).compile()
+  return step.lower(abstract, x, None).compile()
 
 
 def assert_plan_agrees_with_xla(config, d_in, mesh_shape):

@@ -21,7 +21,7 @@ def test_resampling_reinitialises_only_dead_features(tiny_config, architecture):
   spec, rules = describe(c, source.d_in), tuple(map(tuple, c.mesh.rules))
   state, shardings = create_train_state(spec, mesh, rules, tx)
   train_step, resample_step = compile_steps(spec, mesh, shardings, rules, tx,
-                                            c.train.feature_window_tokens)
+                                            c.train.feature_window_tokens)[:2]
   for step in range(3):
     state, _ = train_step(state, next(source.batches))
   dead = np.zeros(c.sae.d_sae, bool)

@@ -52,8 +52,8 @@ def _train(setup, choice):
   if spec.architecture.SUPPORT_BIAS:  # a trained SAE's sparsity, without training one
     params = paths.with_support_l0(spec, state.params, xs[0], L0)
     state = state.replace(params=jax.device_put(params, shardings.params))
-  step, _ = compile_steps(spec, mesh, shardings, rules, tx, c.train.feature_window_tokens,
-                          choice)
+  step = compile_steps(spec, mesh, shardings, rules, tx, c.train.feature_window_tokens,
+                       choice).train
   took_sparse, dead = [], []
   for x in xs:
     state, metrics = step(state, x)
@@ -206,7 +206,7 @@ def test_auto_on_accelerators_follows_their_measurements(tiny_config, monkeypatc
   assert choice.sparse and choice.batch_chunks == 1
   c.train.path = "dense"
   assert paths.choose(c.train, describe(c, c.data.d_in)).batch_chunks == 4
-  assert paths.member_execution(c.sweep, paths.PathChoice(False)) == "sequential"
+  assert paths.member_execution(c.sweep, paths.PathChoice(False)) == "separate"
 
 
 def test_sparse_path_refused_where_the_gradient_is_dense(tiny_config):
