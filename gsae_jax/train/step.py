@@ -182,7 +182,7 @@ def compile_steps(spec: SAESpec, mesh: Mesh, state_shardings, rules, tx,
 
   split = lambda state: tuple(jax.tree.map(lambda a: a[i], state) for i in range(spec.members))
   hold = jax.jit(split, out_shardings=(held_shardings,) * spec.members)
-  release = jax.jit(lambda members: stack(members), out_shardings=state_shardings)
+  release = jax.jit(stack, out_shardings=state_shardings)
   return CompiledSteps(train_apart, resample_apart, dense_fn, hold, release)
 
 

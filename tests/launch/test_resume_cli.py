@@ -28,6 +28,15 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
       lambda w: _cmd(w, f"--config.train.steps={steps}"), tmp_path, ENV, steps, jitter_s=0.5)
 
 
+def test_kill_9_then_rerun_equals_uninterrupted_for_a_sweep(tmp_path):
+  """A sweep on CPU holds its members apart (`sweep.execution='auto'` -> 'separate'): the
+  checkpoint stacks them and the restore splits them again, bit for bit."""
+  steps = 200
+  resume.assert_kill_9_then_rerun_equals_uninterrupted(
+      lambda w: _cmd(w, f"--config.train.steps={steps}", "--config.sweep.grid=(0.5,2.0)"),
+      tmp_path, ENV, steps, jitter_s=0.5)
+
+
 def test_sigterm_saves_current_step_and_exits_cleanly(tmp_path):
   proc = subprocess.Popen(_cmd(tmp_path, "--config.train.steps=100000",
                                "--config.checkpoint.save_every=1000000"),

@@ -58,9 +58,11 @@ def test_b_dec_initialised_at_data_mean_without_skipping_data(tiny_config):
   assert source.batches.get_state() == {"step": 5}  # 5 training steps, the mean did not consume
 
 
-def test_vmapped_lambda_sweep_equals_separate_runs(tiny_config):
-  """One data pass over a lambda grid gives each member what a separate run would."""
-  tiny_config.sweep.grid = (0.2, 2.0)
+@pytest.mark.parametrize("execution", ["vmap", "separate"])
+def test_lambda_sweep_equals_separate_runs(tiny_config, execution):
+  """One data pass over a lambda grid gives each member what a separate run would, its
+  members batched or held apart (on the 8-device mesh either way)."""
+  tiny_config.sweep.grid, tiny_config.sweep.execution = (0.2, 2.0), execution
   tiny_config.mesh.data, tiny_config.mesh.model = 2, 4
   sweep, hist = _run(tiny_config, sharding.make_mesh(2, 4))
   assert sweep.params["W_dec"].shape == (2, 64, 16)
