@@ -4,8 +4,8 @@ r"""Cost of a sweep (one data pass) versus separate runs, per training step.
   python benchmarks/sweep.py --d_sae=10240 --batch=4096 --path=sparse --l0=32
 
 Times the jitted train step of a K-member sweep state, its members vmapped, run one after
-another in one program, or held as separate states (`sweep.execution`), against one single-SAE step on the same batch (best
-of --steps each, interleaved so that machine noise hits all alike). Data loading is not
+another in one program, or held as separate states (`sweep.execution`), against one single-SAE
+step on the same batch (best of --steps each, interleaved so that machine noise hits all alike). Data loading is not
 included: a real sweep additionally saves K - 1 reads of every batch.
 """
 

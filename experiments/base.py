@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.sweep.coefficient = ""            # a named coefficient of the architecture ('l1', 'k', ...);
                                       # '' = its first one
   c.sweep.grid = ()                   # non-empty: train one SAE per value in one data pass
-                                      # (jax.vmap over the grid); the block's value is unused
+                                      # (as sweep.execution says); the block's value is unused
   c.sweep.execution = "auto"          # 'vmap' | 'sequential' (members one after another on
                                       # the shared batch, in one program) | 'separate' (each
                                       # member's state its own arrays, stepped one after
